@@ -1,0 +1,85 @@
+"""`pgvpn run`: one TUN device, one sender thread, one receiver thread, clean shutdown."""
+
+from __future__ import annotations
+
+import logging
+import signal
+import threading
+from collections.abc import Callable
+from types import FrameType
+
+from prometheus_client import start_http_server
+
+from pgvpn_agent.config import Config
+from pgvpn_agent.receiver import Receiver
+from pgvpn_agent.sender import Sender
+from pgvpn_agent.tun import configure, open_tun
+
+log = logging.getLogger(__name__)
+
+
+def run(config: Config) -> int:
+    """Run until SIGTERM/SIGINT (exit 0) or until a worker thread dies unexpectedly (exit 1)."""
+    if config.mode == "payload":
+        log.warning(
+            "PAYLOAD MODE: packets travel inside NOTIFY payloads and NOTHING IS LOGGED; any "
+            "database user may LISTEN on the channels and read them. This is a benchmark mode."
+        )
+    tun = open_tun(config.tun.name)
+    stop = threading.Event()
+    failed = threading.Event()
+    try:
+        me = config.me
+        configure(
+            tun,
+            mtu=config.tun.mtu,
+            txqueuelen=config.tun.txqueuelen,
+            addresses=me.addresses,
+            routes=[net for p in config.others for net in p.prefixes()],
+        )
+        if config.metrics.enabled:
+            start_http_server(config.metrics.port, config.metrics.address)
+        _on_signals(lambda: stop.set())
+        workers = [
+            threading.Thread(target=_guard(Sender(config, tun, stop).run, stop, failed),
+                             name="sender"),
+            threading.Thread(target=_guard(Receiver(config, tun, stop).run, stop, failed),
+                             name="receiver"),
+        ]
+        for w in workers:
+            w.start()
+        log.info("peer %s up on %s (%s)", config.peer, tun.name,
+                 ", ".join(str(a) for a in me.addresses))
+        while not stop.wait(1.0):
+            pass
+        for w in workers:
+            w.join()
+    finally:
+        stop.set()
+        tun.close()
+    log.info("peer %s stopped, %s removed", config.peer, config.tun.name)
+    return 1 if failed.is_set() else 0
+
+
+def _guard(target: Callable[[], None], stop: threading.Event,
+           failed: threading.Event) -> Callable[[], None]:
+    """A worker that dies takes the agent down with it: systemd restarts a whole agent."""
+
+    def run() -> None:
+        try:
+            target()
+        except BaseException:
+            log.exception("%s thread crashed; stopping the agent", threading.current_thread().name)
+            failed.set()
+            stop.set()
+
+    return run
+
+
+def _on_signals(handler: Callable[[], None]) -> None:
+    def on_signal(signum: int, frame: FrameType | None) -> None:
+        log.info("received %s, shutting down", signal.Signals(signum).name)
+        handler()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)

@@ -1,0 +1,308 @@
+"""The agent's TOML configuration, validated once at start.
+
+Every error names the key at fault and says what would be accepted, because the agent usually
+runs under systemd where a vague message costs an operator a debugging session.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import math
+import os
+import re
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from pgvpn_agent.routing import RouteTable, RoutingError
+
+MODES = ("logged", "trigger", "payload")
+PEER_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,49}$")
+# NOTIFY payloads are limited to 8000 bytes; a packet travels base64-encoded with a short header.
+PAYLOAD_MODE_MAX_MTU = 5900
+
+Interface = ipaddress.IPv4Interface | ipaddress.IPv6Interface
+Network = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+
+class ConfigError(ValueError):
+    """A configuration problem, phrased for the operator who has to fix it."""
+
+
+@dataclass(frozen=True)
+class Peer:
+    name: str
+    addresses: tuple[Interface, ...]
+    routes: tuple[Network, ...] = ()
+
+    def prefixes(self) -> list[Network]:
+        """Everything routed to this peer: its tunnel addresses as hosts, plus its routes."""
+        hosts: list[Network] = [ipaddress.ip_network(a.ip) for a in self.addresses]
+        return hosts + list(self.routes)
+
+
+@dataclass(frozen=True)
+class Database:
+    dsn: str
+    password_file: Path | None = None
+    password_env: str | None = None
+    connect_timeout: float = 5.0
+
+    def password(self) -> str | None:
+        """Read the secret at connect time so a rotated password file needs no restart."""
+        if self.password_file is not None:
+            try:
+                return self.password_file.read_text().strip()
+            except OSError as exc:
+                raise ConfigError(
+                    f"database.password_file: cannot read {self.password_file}: {exc.strerror}"
+                ) from exc
+        if self.password_env is not None:
+            value = os.environ.get(self.password_env)
+            if value is None:
+                raise ConfigError(
+                    f"database.password_env: environment variable {self.password_env} is not set"
+                )
+            return value
+        return None
+
+
+@dataclass(frozen=True)
+class Tun:
+    name: str = "pgvpn0"
+    mtu: int = 1500
+    txqueuelen: int = 1000
+
+
+@dataclass(frozen=True)
+class Transport:
+    batch_max: int = 256
+    queue_max: int = 8192
+    max_age: float = 30.0
+    poll_interval: float = 1.0
+    fetch_max: int = 512
+
+
+@dataclass(frozen=True)
+class Metrics:
+    enabled: bool = True
+    address: str = "0.0.0.0"
+    port: int = 9478
+
+
+@dataclass(frozen=True)
+class Config:
+    peer: str
+    database: Database
+    peers: tuple[Peer, ...]
+    mode: str = "logged"
+    tun: Tun = field(default_factory=Tun)
+    transport: Transport = field(default_factory=Transport)
+    metrics: Metrics = field(default_factory=Metrics)
+
+    @property
+    def me(self) -> Peer:
+        return next(p for p in self.peers if p.name == self.peer)
+
+    @property
+    def others(self) -> tuple[Peer, ...]:
+        return tuple(p for p in self.peers if p.name != self.peer)
+
+    def route_table(self) -> RouteTable:
+        return RouteTable((str(net), p.name) for p in self.others for net in p.prefixes())
+
+
+def load(path: str | os.PathLike[str]) -> Config:
+    """Read and validate a config file."""
+    try:
+        with open(path, "rb") as f:
+            raw = tomllib.load(f)
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read config file: {exc.strerror}") from exc
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path}: not valid TOML: {exc}") from exc
+    return parse(raw)
+
+
+def parse(raw: dict[str, Any]) -> Config:
+    """Validate a decoded TOML document; unknown keys are errors so typos do not pass silently."""
+    _known(raw, "", {"peer", "mode", "database", "tun", "transport", "metrics", "peers"})
+    peer = _str(raw, "", "peer", required=True)
+    mode = _str(raw, "", "mode", default="logged")
+    if mode not in MODES:
+        raise ConfigError(f"mode: {mode!r} is not one of {', '.join(MODES)}")
+
+    db_raw = _table(raw, "database", required=True)
+    _known(db_raw, "database.", {"dsn", "password_file", "password_env", "connect_timeout"})
+    dsn = _str(db_raw, "database.", "dsn", required=True)
+    if re.search(r"(^|\s)password\s*=", dsn) or re.search(r"://[^/@:]*:[^/@]*@", dsn):
+        raise ConfigError(
+            "database.dsn: contains a password; put it in database.password_file or "
+            "database.password_env instead"
+        )
+    pw_file = _str(db_raw, "database.", "password_file", default=None)
+    pw_env = _str(db_raw, "database.", "password_env", default=None)
+    if pw_file is not None and pw_env is not None:
+        raise ConfigError("database: set only one of password_file and password_env")
+    database = Database(
+        dsn=dsn,
+        password_file=Path(pw_file) if pw_file else None,
+        password_env=pw_env,
+        connect_timeout=_num(db_raw, "database.", "connect_timeout", 5.0, lo=0.5, hi=300),
+    )
+
+    tun_raw = _table(raw, "tun")
+    _known(tun_raw, "tun.", {"name", "mtu", "txqueuelen"})
+    tun_name = _str(tun_raw, "tun.", "name", default="pgvpn0")
+    if not re.fullmatch(r"[A-Za-z0-9_.-]{1,15}", tun_name):
+        raise ConfigError(f"tun.name: {tun_name!r} is not a valid interface name (1-15 chars)")
+    tun = Tun(
+        name=tun_name,
+        mtu=_int(tun_raw, "tun.", "mtu", 1500, lo=1280, hi=65535),
+        txqueuelen=_int(tun_raw, "tun.", "txqueuelen", 1000, lo=10, hi=100_000),
+    )
+    if mode == "payload" and tun.mtu > PAYLOAD_MODE_MAX_MTU:
+        raise ConfigError(
+            f"tun.mtu: {tun.mtu} cannot travel in payload mode, whose NOTIFY payload is limited "
+            f"to 8000 bytes; use tun.mtu <= {PAYLOAD_MODE_MAX_MTU} or mode = \"logged\""
+        )
+
+    tr_raw = _table(raw, "transport")
+    _known(tr_raw, "transport.", {"batch_max", "queue_max", "max_age", "poll_interval", "fetch_max"})
+    transport = Transport(
+        batch_max=_int(tr_raw, "transport.", "batch_max", 256, lo=1, hi=10_000),
+        queue_max=_int(tr_raw, "transport.", "queue_max", 8192, lo=1, hi=10_000_000),
+        max_age=_num(tr_raw, "transport.", "max_age", 30.0, lo=0.1, hi=86_400 * 7),
+        poll_interval=_num(tr_raw, "transport.", "poll_interval", 1.0, lo=0.01, hi=3600),
+        fetch_max=_int(tr_raw, "transport.", "fetch_max", 512, lo=1, hi=100_000),
+    )
+
+    m_raw = _table(raw, "metrics")
+    _known(m_raw, "metrics.", {"enabled", "address", "port"})
+    enabled = m_raw.get("enabled", True)
+    if not isinstance(enabled, bool):
+        raise ConfigError("metrics.enabled: must be true or false")
+    address = _str(m_raw, "metrics.", "address", default="0.0.0.0")
+    try:
+        ipaddress.ip_address(address)
+    except ValueError:
+        raise ConfigError(f"metrics.address: {address!r} is not an IP address") from None
+    metrics = Metrics(enabled=enabled, address=address,
+                      port=_int(m_raw, "metrics.", "port", 9478, lo=1, hi=65535))
+
+    peers = _peers(raw)
+    if peer not in {p.name for p in peers}:
+        raise ConfigError(
+            f"peer: {peer!r} is not among [[peers]] ({', '.join(p.name for p in peers)})"
+        )
+    config = Config(peer=peer, mode=mode, database=database, tun=tun, transport=transport,
+                    metrics=metrics, peers=peers)
+    try:
+        config.route_table()
+    except RoutingError as exc:
+        raise ConfigError(f"peers: {exc}") from exc
+    return config
+
+
+def _peers(raw: dict[str, Any]) -> tuple[Peer, ...]:
+    items = raw.get("peers")
+    if not isinstance(items, list) or not items:
+        raise ConfigError("peers: at least two [[peers]] tables are required (this one and another)")
+    peers: list[Peer] = []
+    seen: set[str] = set()
+    for i, item in enumerate(items):
+        where = f"peers[{i}]."
+        if not isinstance(item, dict):
+            raise ConfigError(f"peers[{i}]: must be a table ([[peers]])")
+        _known(item, where, {"name", "addresses", "routes"})
+        name = _str(item, where, "name", required=True)
+        if not PEER_NAME.match(name):
+            raise ConfigError(
+                f"{where}name: {name!r} must be 1-50 characters of letters, digits, '_', '.', '-'"
+            )
+        if name in seen:
+            raise ConfigError(f"{where}name: peer {name!r} is listed twice")
+        seen.add(name)
+        addrs = _list(item, where, "addresses", required=True)
+        if not addrs:
+            raise ConfigError(f"{where}addresses: peer {name!r} needs at least one tunnel address")
+        addresses: list[Interface] = []
+        for a in addrs:
+            try:
+                addresses.append(ipaddress.ip_interface(a))
+            except ValueError:
+                raise ConfigError(
+                    f"{where}addresses: {a!r} is not an address with prefix, e.g. 10.0.0.1/24"
+                ) from None
+        routes: list[Network] = []
+        for r in _list(item, where, "routes"):
+            try:
+                routes.append(ipaddress.ip_network(r))
+            except ValueError as exc:
+                raise ConfigError(f"{where}routes: {r!r}: {exc}") from None
+        peers.append(Peer(name=name, addresses=tuple(addresses), routes=tuple(routes)))
+    if len(peers) < 2:
+        raise ConfigError("peers: at least two [[peers]] tables are required (this one and another)")
+    return tuple(peers)
+
+
+def _known(table: dict[str, Any], where: str, keys: set[str]) -> None:
+    unknown = sorted(set(table) - keys)
+    if unknown:
+        raise ConfigError(
+            f"{where}{unknown[0]}: unknown key (known here: {', '.join(sorted(keys))})"
+        )
+
+
+def _table(raw: dict[str, Any], key: str, required: bool = False) -> dict[str, Any]:
+    value = raw.get(key)
+    if value is None:
+        if required:
+            raise ConfigError(f"{key}: missing table [{key}]")
+        return {}
+    if not isinstance(value, dict):
+        raise ConfigError(f"{key}: must be a table [{key}]")
+    return value
+
+
+def _str(raw: dict[str, Any], where: str, key: str, *, required: bool = False,
+         default: Any = None) -> Any:
+    value = raw.get(key)
+    if value is None:
+        if required:
+            raise ConfigError(f"{where}{key}: missing (a string is required)")
+        return default
+    if not isinstance(value, str) or not value:
+        raise ConfigError(f"{where}{key}: must be a non-empty string, got {value!r}")
+    return value
+
+
+def _list(raw: dict[str, Any], where: str, key: str, *, required: bool = False) -> list[str]:
+    value = raw.get(key)
+    if value is None:
+        if required:
+            raise ConfigError(f"{where}{key}: missing (a list of strings is required)")
+        return []
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        raise ConfigError(f"{where}{key}: must be a list of strings, got {value!r}")
+    return value
+
+
+def _int(raw: dict[str, Any], where: str, key: str, default: int, *, lo: int, hi: int) -> int:
+    value = raw.get(key, default)
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ConfigError(f"{where}{key}: must be an integer, got {value!r}")
+    if not lo <= value <= hi:
+        raise ConfigError(f"{where}{key}: {value} is out of range {lo}..{hi}")
+    return value
+
+
+def _num(raw: dict[str, Any], where: str, key: str, default: float, *, lo: float,
+         hi: float) -> float:
+    value = raw.get(key, default)
+    if isinstance(value, bool) or not isinstance(value, int | float) or math.isnan(value):
+        raise ConfigError(f"{where}{key}: must be a number, got {value!r}")
+    if not lo <= value <= hi:
+        raise ConfigError(f"{where}{key}: {value} is out of range {lo}..{hi}")
+    return float(value)

@@ -1,0 +1,321 @@
+"""`pgvpn lab`: the whole tunnel on one machine, for trying it, the tests and the benchmark.
+
+A throwaway PostgreSQL cluster (initdb in a work dir, reachable only through its unix socket,
+which every network namespace shares because the filesystem is shared) and N network namespaces,
+each running one agent. State lives in `<workdir>/lab.json` so `up`, `status` and `down` can be
+separate processes; the tests and the benchmark drive the same class.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+DEFAULT_DIR = Path(os.environ.get("PGVPN_LAB_DIR", "/run/pgvpn-lab"))
+PG_BIN_CANDIDATES = ("/usr/lib/postgresql/17/bin", "/usr/lib/postgresql/16/bin",
+                     "/usr/lib/postgresql/15/bin")
+PG_SETTINGS = {
+    "listen_addresses": "''",
+    "max_connections": "100",
+    "shared_buffers": "256MB",
+    "max_wal_size": "4GB",
+    "checkpoint_timeout": "15min",
+    "synchronous_commit": "on",
+    "fsync": "on",
+    "logging_collector": "off",
+}
+
+
+class LabError(RuntimeError):
+    """The lab could not be brought up; the message says what to install or clean."""
+
+
+@dataclass
+class LabPeer:
+    name: str
+    netns: str
+    ipv4: str
+    ipv6: str
+    tun: str
+    config: str
+    log: str
+    pid: int = 0
+
+
+@dataclass
+class Lab:
+    workdir: Path = DEFAULT_DIR
+    prefix: str = "pgvpn-lab"
+    peers: list[LabPeer] = field(default_factory=list)
+    port: int = 55432
+    mode: str = "logged"
+    pg_bin: str = ""
+    transport: dict[str, Any] = field(default_factory=dict)
+    mtu: int = 1500
+
+    @property
+    def pgdir(self) -> Path:
+        """Owned by the postgres user: socket, log and data directory."""
+        return self.workdir / "pg"
+
+    @property
+    def sockdir(self) -> Path:
+        return self.pgdir
+
+    @property
+    def datadir(self) -> Path:
+        return self.pgdir / "data"
+
+    @property
+    def pglog(self) -> Path:
+        return self.pgdir / "postgres.log"
+
+    def dsn(self, user: str = "postgres") -> str:
+        return f"host={self.sockdir} port={self.port} dbname=pgvpn user={user}"
+
+    # -- lifecycle -----------------------------------------------------------------------------
+
+    @classmethod
+    def create(cls, workdir: Path = DEFAULT_DIR, *, peers: int = 2, mode: str = "logged",
+               batch_max: int | None = None, mtu: int = 1500, prefix: str = "pgvpn-lab",
+               port: int = 55432, transport: dict[str, Any] | None = None) -> Lab:
+        if (workdir / "lab.json").exists():
+            raise LabError(f"a lab is already up in {workdir}: run `pgvpn lab down` first")
+        if peers < 2 or peers > 200:
+            raise LabError("--peers must be between 2 and 200")
+        tr = dict(transport or {})
+        if batch_max is not None:
+            tr["batch_max"] = batch_max
+        lab = cls(workdir=workdir, prefix=prefix, port=port, mode=mode, transport=tr, mtu=mtu,
+                  pg_bin=_pg_bin())
+        for i in range(1, peers + 1):
+            lab.peers.append(LabPeer(
+                name=f"peer{i}", netns=f"{prefix}{i}", ipv4=f"10.77.{i // 250}.{i % 250}",
+                ipv6=f"fd77::{i:x}", tun="pgvpn0", config=str(workdir / f"peer{i}.toml"),
+                log=str(workdir / f"peer{i}.log")))
+        return lab
+
+    def up(self, timeout: float = 60.0) -> None:
+        """Start everything and return once every peer pings every other one (v4 and v6)."""
+        for tool in ("ip", "ping", "runuser"):
+            if shutil.which(tool) is None:
+                raise LabError(f"`{tool}` is not installed (apt-get install iproute2 iputils-ping)")
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        self.save()
+        try:
+            self.start_postgres(init=True)
+            self.init_database()
+            for peer in self.peers:
+                _run(["ip", "netns", "add", peer.netns])
+                _run(["ip", "-n", peer.netns, "link", "set", "lo", "up"])
+                self.write_config(peer)
+                self.start_agent(peer)
+            self.save()
+            self.wait_mesh(timeout)
+        except BaseException:
+            self.down()
+            raise
+
+    def down(self) -> None:
+        """Remove every process, namespace and file this lab made; safe to call twice."""
+        for peer in self.peers:
+            self.stop_agent(peer)
+        if (self.datadir / "postmaster.pid").exists():
+            self._pg_ctl("stop", "-m", "immediate", check=False)
+        existing = set(subprocess.run(["ip", "netns", "list"], capture_output=True,
+                                      text=True).stdout.split())
+        for peer in self.peers:
+            if peer.netns in existing:
+                _run(["ip", "netns", "del", peer.netns], check=False)
+        shutil.rmtree(self.workdir, ignore_errors=True)
+
+    def save(self) -> None:
+        data = asdict(self)
+        data["workdir"] = str(self.workdir)
+        (self.workdir / "lab.json").write_text(json.dumps(data, indent=2))
+
+    @classmethod
+    def load(cls, workdir: Path = DEFAULT_DIR) -> Lab:
+        try:
+            data = json.loads((workdir / "lab.json").read_text())
+        except FileNotFoundError:
+            raise LabError(f"no lab is up in {workdir} (run `pgvpn lab up`)") from None
+        data["workdir"] = Path(data["workdir"])
+        data["peers"] = [LabPeer(**p) for p in data["peers"]]
+        return cls(**data)
+
+    def status(self) -> dict[str, Any]:
+        return {
+            "dsn": self.dsn(),
+            "mode": self.mode,
+            "peers": [{"name": p.name, "netns": p.netns, "ipv4": p.ipv4, "ipv6": p.ipv6,
+                       "tun": p.tun, "pid": p.pid, "running": _alive(p.pid),
+                       "dsn": self.dsn(_role(p.name)), "log": p.log} for p in self.peers],
+        }
+
+    # -- PostgreSQL ----------------------------------------------------------------------------
+
+    def start_postgres(self, init: bool = False) -> None:
+        if init:
+            self.pgdir.mkdir(parents=True, exist_ok=True)
+            shutil.chown(self.pgdir, "postgres", "postgres")
+            self.workdir.chmod(0o755)
+            self._as_postgres([f"{self.pg_bin}/initdb", "-D", str(self.datadir), "-U", "postgres",
+                               "--auth=trust", "-E", "UTF8", "--no-sync"])
+            with open(self.datadir / "postgresql.conf", "a") as f:
+                for k, v in PG_SETTINGS.items():
+                    f.write(f"{k} = {v}\n")
+                f.write(f"unix_socket_directories = '{self.sockdir}'\nport = {self.port}\n")
+        self._pg_ctl("start", "-w", "-t", "60", "-l", str(self.pglog))
+
+    def restart_postgres(self, mode: str = "fast") -> None:
+        self._pg_ctl("restart", "-w", "-m", mode, "-t", "60", "-l",
+                     str(self.pglog))
+
+    def stop_postgres(self, mode: str = "fast") -> None:
+        self._pg_ctl("stop", "-w", "-m", mode)
+
+    def _pg_ctl(self, *args: str, check: bool = True) -> None:
+        self._as_postgres([f"{self.pg_bin}/pg_ctl", "-D", str(self.datadir), *args], check=check)
+
+    def _as_postgres(self, cmd: list[str], check: bool = True) -> None:
+        proc = subprocess.run(["runuser", "-u", "postgres", "--", *cmd], capture_output=True,
+                              text=True, cwd="/")
+        if check and proc.returncode != 0:
+            raise LabError(f"{' '.join(cmd[:2])} failed: {proc.stderr.strip() or proc.stdout}")
+
+    def psql(self, query: str, user: str = "postgres") -> str:
+        """Run SQL as a superuser (or a peer's role) and return unaligned output."""
+        proc = subprocess.run(["psql", "-X", "-A", "-t", "-v", "ON_ERROR_STOP=1", "-d",
+                               self.dsn(user), "-c", query], capture_output=True, text=True)
+        if proc.returncode != 0:
+            raise LabError(f"psql failed: {proc.stderr.strip()}")
+        return proc.stdout.strip()
+
+    def init_database(self) -> None:
+        subprocess.run(["psql", "-X", "-q", "-d", self.dsn().replace("dbname=pgvpn",
+                        "dbname=postgres"), "-c", "CREATE DATABASE pgvpn"], check=True,
+                       capture_output=True)
+        from pgvpn_agent import db, schema
+        from pgvpn_agent.config import Database
+
+        with db.connect(Database(dsn=self.dsn()), "pgvpn-lab") as conn:
+            schema.migrate(conn)
+            for peer in self.peers:
+                conn.execute(f'CREATE ROLE "{_role(peer.name)}" LOGIN IN ROLE pgvpn_agent')
+
+    # -- agents --------------------------------------------------------------------------------
+
+    def write_config(self, peer: LabPeer) -> None:
+        lines = [f'peer = "{peer.name}"', f'mode = "{self.mode}"', "", "[database]",
+                 f'dsn = "{self.dsn(_role(peer.name))}"', "", "[tun]", f'name = "{peer.tun}"',
+                 f"mtu = {self.mtu}", "", "[transport]"]
+        lines += [f"{k} = {json.dumps(v)}" for k, v in self.transport.items()]
+        lines += ["", "[metrics]", "enabled = true", 'address = "127.0.0.1"', ""]
+        for p in self.peers:
+            lines += ["[[peers]]", f'name = "{p.name}"',
+                      f'addresses = ["{p.ipv4}/16", "{p.ipv6}/64"]', ""]
+        Path(peer.config).write_text("\n".join(lines))
+
+    def start_agent(self, peer: LabPeer) -> None:
+        log = open(peer.log, "ab")  # noqa: SIM115 - handed to the child
+        env = dict(os.environ, PYTHONUNBUFFERED="1")
+        proc = subprocess.Popen(
+            ["ip", "netns", "exec", peer.netns, sys.executable, "-m", "pgvpn_agent", "run",
+             "--config", peer.config],
+            stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,
+            start_new_session=True, cwd="/")
+        log.close()
+        peer.pid = proc.pid
+        self.save()
+
+    def stop_agent(self, peer: LabPeer, sig: int = signal.SIGTERM, timeout: float = 10) -> None:
+        if not _alive(peer.pid):
+            return
+        os.kill(peer.pid, sig)
+        deadline = time.monotonic() + timeout
+        while _alive(peer.pid) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        if _alive(peer.pid):
+            os.kill(peer.pid, signal.SIGKILL)
+            while _alive(peer.pid):
+                time.sleep(0.05)
+
+    def exec(self, peer: LabPeer, cmd: list[str], **kwargs: Any) -> subprocess.CompletedProcess[str]:
+        """Run a command inside a peer's namespace."""
+        return subprocess.run(["ip", "netns", "exec", peer.netns, *cmd], capture_output=True,
+                              text=True, **kwargs)
+
+    def ping(self, src: LabPeer, dst: LabPeer, v6: bool = False, count: int = 1) -> bool:
+        cmd = ["ping", "-n", "-q", "-c", str(count), "-W", "1", "-i", "0.2"]
+        cmd += ["-6", dst.ipv6] if v6 else ["-4", dst.ipv4]
+        return self.exec(src, cmd).returncode == 0
+
+    def wait_mesh(self, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        todo = [(a, b, v6) for a in self.peers for b in self.peers if a is not b
+                for v6 in (False, True)]
+        while todo:
+            for peer in self.peers:
+                if not _alive(peer.pid):
+                    raise LabError(f"agent {peer.name} exited; see {peer.log}:\n"
+                                   + _tail(peer.log))
+            todo = [t for t in todo if not self.ping(*t)]
+            if todo and time.monotonic() > deadline:
+                a, b, v6 = todo[0]
+                raise LabError(f"{a.name} cannot ping {b.name} ({'v6' if v6 else 'v4'}) after "
+                               f"{timeout:.0f}s; agent log {a.log}:\n" + _tail(a.log))
+
+
+def _role(peer: str) -> str:
+    return "pgvpn_" + peer.replace("-", "_").replace(".", "_").lower()
+
+
+def _pg_bin() -> str:
+    for candidate in PG_BIN_CANDIDATES:
+        if os.path.exists(f"{candidate}/initdb"):
+            return candidate
+    raise LabError("PostgreSQL server binaries not found: apt-get install postgresql")
+
+
+def _alive(pid: int) -> bool:
+    if pid <= 0:
+        return False
+    try:
+        done, _ = os.waitpid(pid, os.WNOHANG)
+    except ChildProcessError:
+        done = 0
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return False
+        return _state(pid) != "Z"
+    return done == 0
+
+
+def _state(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return "Z"
+
+
+def _tail(path: str, lines: int = 30) -> str:
+    try:
+        return "\n".join(Path(path).read_text(errors="replace").splitlines()[-lines:])
+    except OSError:
+        return "(no log)"
+
+
+def _run(cmd: list[str], check: bool = True) -> None:
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    if check and proc.returncode != 0:
+        raise LabError(f"{' '.join(cmd)} failed: {proc.stderr.strip()}")

@@ -1,0 +1,205 @@
+"""Database -> TUN: wake on NOTIFY (or a poll), fetch every new row for this peer, deliver in order.
+
+The cursor of each incoming link (rx_seq) is persisted right after the packets are written, so
+an agent restart resumes exactly where it stopped; a lost notification costs at most one poll
+interval of latency, never a packet.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import logging
+import threading
+import time
+
+import psycopg
+from psycopg import sql
+
+from pgvpn_agent import db, metrics
+from pgvpn_agent.config import Config
+from pgvpn_agent.schema import check_version
+from pgvpn_agent.tun import Tun
+
+log = logging.getLogger(__name__)
+
+FETCH = """
+SELECT p.src_peer, p.seq, extract(epoch FROM p.sent_at)::float8, p.payload
+FROM unnest(%s::smallint[], %s::bigint[]) AS c (src, last)
+CROSS JOIN LATERAL (
+    SELECT src_peer, seq, sent_at, payload FROM pgvpn.packet
+    WHERE dst_peer = %s AND src_peer = c.src AND seq > c.last
+    ORDER BY seq LIMIT %s
+) AS p
+"""
+SAVE_CURSORS = """
+UPDATE pgvpn.link l SET rx_seq = v.last, rx_at = statement_timestamp()
+FROM unnest(%s::smallint[], %s::bigint[]) AS v (src, last)
+WHERE l.dst = %s AND l.src = v.src AND l.rx_seq < v.last
+"""
+
+
+class Receiver:
+    def __init__(self, config: Config, tun: Tun, stop: threading.Event) -> None:
+        self.config = config
+        self.tun = tun
+        self.stop = stop
+        self.conn: db.Conn | None = None
+        self.backoff = db.Backoff()
+        self.me = 0
+        self.names: dict[int, str] = {}
+        self.cursor: dict[int, int] = {}
+        self.connected_once = False
+        self.channel = "pgvpn_" + config.peer
+
+    def run(self) -> None:
+        wait = min(self.config.transport.poll_interval, 1.0)
+        try:
+            while not self.stop.is_set():
+                if self.conn is None:
+                    if self.backoff.due():
+                        self._connect()
+                    if self.conn is None:
+                        self.stop.wait(min(wait, self.backoff.wait_time()))
+                        continue
+                try:
+                    if self.config.mode == "payload":
+                        self._deliver_payloads(wait)
+                    else:
+                        self._wait(wait)
+                        self._fetch_all()
+                except psycopg.Error as exc:
+                    self._lost(exc)
+        finally:
+            if self.conn is not None:
+                self.conn.close()
+            metrics.DB_UP.labels("rx").set(0)
+
+    def _wait(self, timeout: float) -> None:
+        """Block until a notification arrives or the poll interval passes."""
+        assert self.conn is not None
+        woke = False
+        for _ in self.conn.notifies(timeout=timeout, stop_after=1):
+            woke = True
+        metrics.WAKEUPS.labels("notify" if woke else "poll").inc()
+
+    def _fetch_all(self) -> None:
+        """Fetch and deliver until no link has a full page waiting."""
+        assert self.conn is not None
+        limit = self.config.transport.fetch_max
+        max_age = self.config.transport.max_age
+        links = sorted(self.cursor)
+        write = self.tun.write
+        while not self.stop.is_set():
+            started = time.perf_counter()
+            cur = self.conn.cursor(binary=True)
+            cur.execute(FETCH, (links, [self.cursor[s] for s in links], self.me, limit),
+                        prepare=True)
+            rows = cur.fetchall()
+            metrics.FETCH_SECONDS.observe(time.perf_counter() - started)
+            if not rows:
+                return
+            now = time.time()
+            last: dict[int, int] = {}
+            per_link: dict[int, list[int]] = {}
+            stale = refused = 0
+            for src, seq, sent_at, payload in rows:
+                last[src] = seq
+                if now - sent_at > max_age:
+                    stale += 1
+                    continue
+                if not write(payload):
+                    refused += 1
+                    continue
+                c = per_link.get(src)
+                if c is None:
+                    per_link[src] = [1, len(payload)]
+                else:
+                    c[0] += 1
+                    c[1] += len(payload)
+            self.conn.execute(SAVE_CURSORS, (list(last), list(last.values()), self.me),
+                              prepare=True)
+            self.cursor.update(last)
+            if stale:
+                metrics.DROPPED.labels("too_old").inc(stale)
+            if refused:
+                metrics.DROPPED.labels("tun_write").inc(refused)
+            for src, (n, size) in per_link.items():
+                metrics.PACKETS.labels("rx", self.names[src]).inc(n)
+                metrics.BYTES.labels("rx", self.names[src]).inc(size)
+            if len(rows) < limit:
+                return
+
+    def _deliver_payloads(self, timeout: float) -> None:
+        """Payload mode: the notification is the packet."""
+        assert self.conn is not None
+        max_age = self.config.transport.max_age
+        n = size = stale = bad = 0
+        for note in self.conn.notifies(timeout=timeout):
+            stamp, _, data = note.payload.partition(" ")
+            try:
+                sent_at = float(stamp)
+                packet = base64.b64decode(data, validate=True)
+            except (ValueError, binascii.Error):
+                bad += 1
+                continue
+            if time.time() - sent_at > max_age:
+                stale += 1
+            elif self.tun.write(packet):
+                n += 1
+                size += len(packet)
+            if self.stop.is_set():
+                break
+            if n and n % 64 == 0:
+                break
+        if bad:
+            metrics.DROPPED.labels("malformed").inc(bad)
+        if stale:
+            metrics.DROPPED.labels("too_old").inc(stale)
+        if n:
+            metrics.PACKETS.labels("rx", "any").inc(n)
+            metrics.BYTES.labels("rx", "any").inc(size)
+
+    def _connect(self) -> None:
+        cfg = self.config
+        try:
+            conn = db.connect(cfg.database, f"pgvpn-{cfg.peer}-rx")
+            try:
+                check_version(conn)
+                ids = db.register(conn, [p.name for p in cfg.peers])
+                self.me = ids[cfg.peer]
+                db.lock_peer(conn, db.LOCK_RECEIVER, self.me, cfg.peer)
+                conn.execute(sql.SQL("LISTEN {}").format(sql.Identifier(self.channel)))
+                rows = conn.execute("SELECT src, rx_seq FROM pgvpn.link WHERE dst = %s",
+                                    (self.me,))
+                saved = {int(s): int(r) for s, r in rows}
+            except BaseException:
+                conn.close()
+                raise
+        except (psycopg.Error, RuntimeError) as exc:
+            delay = self.backoff.failed()
+            log.warning("receiver: database unavailable (%s); retrying in %.1fs",
+                        db.describe(exc), delay)
+            return
+        self.names = {v: k for k, v in ids.items()}
+        # Never move a cursor backwards: a cursor update lost with the connection must not
+        # make this process deliver the same packets twice.
+        self.cursor = {src: max(seq, self.cursor.get(src, 0)) for src, seq in saved.items()}
+        self.conn = conn
+        if self.connected_once:
+            metrics.RECONNECTS.labels("rx").inc()
+            log.info("receiver: database connection restored")
+        else:
+            log.info("receiver: listening on %s", self.channel)
+        self.connected_once = True
+        self.backoff.succeeded()
+        metrics.DB_UP.labels("rx").set(1)
+
+    def _lost(self, exc: psycopg.Error) -> None:
+        delay = self.backoff.failed()
+        log.warning("receiver: database error (%s); reconnecting in %.1fs",
+                    db.describe(exc), delay)
+        metrics.DB_UP.labels("rx").set(0)
+        if self.conn is not None:
+            self.conn.close()
+        self.conn = None

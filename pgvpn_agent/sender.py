@@ -1,0 +1,297 @@
+"""TUN -> database: drain the kernel queue, parse, route, log one batch per transaction.
+
+One sender thread per agent is the single writer of every link that starts at this peer: the
+per-link sequence numbers it assigns are committed in order, which is what lets receivers read
+`seq > cursor` without ever skipping a row (DESIGN.md trap 1) or reordering packets (trap 2).
+"""
+
+from __future__ import annotations
+
+import base64
+import logging
+import select
+import threading
+import time
+from collections import deque
+from typing import Any
+
+import psycopg
+
+from pgvpn_agent import db, metrics
+from pgvpn_agent.config import Config
+from pgvpn_agent.packet import MalformedPacket, parse
+from pgvpn_agent.schema import check_version
+from pgvpn_agent.tun import Tun
+
+log = logging.getLogger(__name__)
+
+SEND_BATCH = (
+    "SELECT pgvpn.send_batch(%s::smallint, %s, %s::smallint[], %s::bigint[], %s::bigint[],"
+    " %s::smallint[], %s::bigint[], %s::float8[], %s::smallint[], %s::text[], %s::text[],"
+    " %s::smallint[], %s::int[], %s::int[], %s::int[], %s::bool[], %s::bytea[])"
+)
+NOTIFY_PAYLOADS = "SELECT pg_notify(c, m) FROM unnest(%s::text[], %s::text[]) AS t (c, m)"
+PARTITION_EVERY = 3600.0
+
+# One queued packet: capture time (sender clock) and the raw bytes.
+Captured = tuple[float, bytes]
+
+
+class Sender:
+    def __init__(self, config: Config, tun: Tun, stop: threading.Event) -> None:
+        self.config = config
+        self.tun = tun
+        self.stop = stop
+        self.routes = config.route_table()
+        self.queue: deque[Captured] = deque()
+        self.pending: list[Captured] = []
+        self.conn: db.Conn | None = None
+        self.backoff = db.Backoff()
+        self.ids: dict[str, int] = {}
+        self.names: dict[int, str] = {}
+        self.tx_seq: dict[int, int] = {}
+        self.partitions_at = 0.0
+        self.connected_once = False
+        self.notify = config.mode == "logged"
+        self._send = self._send_payloads if config.mode == "payload" else self._send_rows
+
+    def run(self) -> None:
+        fd = self.tun.fd
+        poll = self.config.transport.poll_interval
+        try:
+            while not self.stop.is_set():
+                if self.conn is None and self.backoff.due():
+                    self._connect()
+                if self.conn is None:
+                    timeout = min(poll, self.backoff.wait_time())
+                else:
+                    timeout = 0.0 if self.queue or self.pending else poll
+                ready, _, _ = select.select([fd], [], [], timeout)
+                if ready:
+                    self._drain()
+                if self.conn is not None:
+                    self._flush()
+                    self._maintain()
+        finally:
+            if self.conn is not None:
+                self.conn.close()
+            metrics.DB_UP.labels("tx").set(0)
+
+    def _drain(self) -> None:
+        """Read what the kernel has queued; while the database is away keep only the newest."""
+        limit = self.config.transport.batch_max if self.conn is not None else None
+        queue = self.queue
+        cap = self.config.transport.queue_max
+        read = self.tun.read
+        now = time.time()
+        dropped = 0
+        while limit is None or len(queue) < limit:
+            packet = read()
+            if packet is None:
+                break
+            if len(queue) >= cap:
+                queue.popleft()
+                dropped += 1
+            queue.append((now, packet))
+        if dropped:
+            metrics.DROPPED.labels("queue_full").inc(dropped)
+        metrics.QUEUE_DEPTH.set(len(queue))
+
+    def _flush(self) -> None:
+        batch_max = self.config.transport.batch_max
+        while self.conn is not None and (self.pending or self.queue):
+            if not self.pending:
+                n = min(batch_max, len(self.queue))
+                self.pending = [self.queue.popleft() for _ in range(n)]
+            try:
+                self._send(self.pending)
+            except psycopg.Error as exc:
+                if self._lost(exc):
+                    return
+                log.error("sender: batch of %d packets refused by the database: %s",
+                          len(self.pending), db.describe(exc))
+                metrics.DROPPED.labels("db_error").inc(len(self.pending))
+            self.pending = []
+        metrics.QUEUE_DEPTH.set(len(self.queue))
+
+    def _send_rows(self, batch: list[Captured]) -> None:
+        """Log a batch; tx_seq only advances once the commit is known to have happened."""
+        assert self.conn is not None
+        routes = self.routes
+        ids = self.ids
+        next_seq = dict(self.tx_seq)
+        counts: dict[int, list[int]] = {}
+        cols: tuple[list[Any], ...] = tuple([] for _ in range(12))
+        (r_dst, r_seq, r_sent, r_ver, r_src, r_dsta, r_proto, r_sport, r_dport, r_len, r_frag,
+         r_payload) = cols
+        malformed = no_route = 0
+        for sent_at, packet in batch:
+            try:
+                h = parse(packet)
+            except MalformedPacket:
+                malformed += 1
+                continue
+            peer = routes.lookup(h.dst_raw)
+            if peer is None:
+                no_route += 1
+                continue
+            dst = ids[peer]
+            seq = next_seq[dst] + 1
+            next_seq[dst] = seq
+            c = counts.get(dst)
+            if c is None:
+                counts[dst] = [1, h.length]
+            else:
+                c[0] += 1
+                c[1] += h.length
+            r_dst.append(dst)
+            r_seq.append(seq)
+            r_sent.append(sent_at)
+            r_ver.append(h.version)
+            r_src.append(h.src)
+            r_dsta.append(h.dst)
+            r_proto.append(h.protocol)
+            r_sport.append(h.src_port)
+            r_dport.append(h.dst_port)
+            r_len.append(h.length)
+            r_frag.append(h.fragment)
+            r_payload.append(packet)
+        if malformed:
+            metrics.DROPPED.labels("malformed").inc(malformed)
+        if no_route:
+            metrics.DROPPED.labels("no_route").inc(no_route)
+        if not r_dst:
+            return
+        links = sorted(counts)
+        l_first = [self.tx_seq[d] + 1 for d in links]
+        l_last = [next_seq[d] for d in links]
+        started = time.perf_counter()
+        self.conn.execute(
+            SEND_BATCH,
+            (self.ids[self.config.peer], self.notify, links, l_first, l_last, *cols),
+            prepare=True,
+        )
+        metrics.INSERT_SECONDS.observe(time.perf_counter() - started)
+        for d in links:
+            self.tx_seq[d] = next_seq[d]
+        self._count(counts, len(r_dst))
+
+    def _send_payloads(self, batch: list[Captured]) -> None:
+        """The seed's "cheat": packets ride in NOTIFY payloads and nothing is logged."""
+        assert self.conn is not None
+        channels: list[str] = []
+        messages: list[str] = []
+        counts: dict[int, list[int]] = {}
+        malformed = no_route = 0
+        for sent_at, packet in batch:
+            try:
+                h = parse(packet)
+            except MalformedPacket:
+                malformed += 1
+                continue
+            peer = self.routes.lookup(h.dst_raw)
+            if peer is None:
+                no_route += 1
+                continue
+            channels.append("pgvpn_" + peer)
+            messages.append(f"{sent_at:.6f} {base64.b64encode(packet).decode()}")
+            c = counts.setdefault(self.ids[peer], [0, 0])
+            c[0] += 1
+            c[1] += h.length
+        if malformed:
+            metrics.DROPPED.labels("malformed").inc(malformed)
+        if no_route:
+            metrics.DROPPED.labels("no_route").inc(no_route)
+        if not channels:
+            return
+        started = time.perf_counter()
+        with self.conn.transaction():
+            self.conn.execute(NOTIFY_PAYLOADS, (channels, messages), prepare=True)
+        metrics.INSERT_SECONDS.observe(time.perf_counter() - started)
+        self._count(counts, len(channels))
+
+    def _count(self, counts: dict[int, list[int]], rows: int) -> None:
+        metrics.BATCHES.inc()
+        metrics.BATCH_SIZE.observe(rows)
+        for dst, (n, size) in counts.items():
+            peer = self.names[dst]
+            metrics.PACKETS.labels("tx", peer).inc(n)
+            metrics.BYTES.labels("tx", peer).inc(size)
+
+    def _connect(self) -> None:
+        cfg = self.config
+        try:
+            conn = db.connect(cfg.database, f"pgvpn-{cfg.peer}-tx")
+            try:
+                check_version(conn)
+                self.ids = db.register(conn, [p.name for p in cfg.peers])
+                self.names = {v: k for k, v in self.ids.items()}
+                me = self.ids[cfg.peer]
+                db.lock_peer(conn, db.LOCK_SENDER, me, cfg.peer)
+                if cfg.mode == "trigger":
+                    conn.execute("SET pgvpn.notify = 'trigger'")
+                rows = conn.execute("SELECT dst, tx_seq FROM pgvpn.link WHERE src = %s", (me,))
+                committed = {int(d): int(s) for d, s in rows}
+            except BaseException:
+                conn.close()
+                raise
+        except (psycopg.Error, RuntimeError) as exc:
+            delay = self.backoff.failed()
+            log.warning("sender: database unavailable (%s); retrying in %.1fs",
+                        db.describe(exc), delay)
+            return
+        if self.pending and cfg.mode != "payload" and self._committed(committed):
+            log.info("sender: the batch in flight at the disconnect was committed")
+            self.pending = []
+        self.tx_seq = committed
+        self.conn = conn
+        if self.connected_once:
+            metrics.RECONNECTS.labels("tx").inc()
+            log.info("sender: database connection restored (%d packets queued)", len(self.queue))
+        else:
+            log.info("sender: connected, mode %s, batch_max %d", cfg.mode, cfg.transport.batch_max)
+        self.connected_once = True
+        self.backoff.succeeded()
+        metrics.DB_UP.labels("tx").set(1)
+        self.partitions_at = 0.0
+        self._maintain()
+
+    def _committed(self, committed: dict[int, int]) -> bool:
+        """Did the batch whose commit we never heard back about actually commit?"""
+        for _, packet in self.pending:
+            try:
+                peer = self.routes.lookup(parse(packet).dst_raw)
+            except MalformedPacket:
+                continue
+            if peer is not None:
+                dst = self.ids[peer]
+                return committed.get(dst, 0) > self.tx_seq.get(dst, 0)
+        return False
+
+    def _maintain(self) -> None:
+        if self.conn is None or time.monotonic() < self.partitions_at:
+            return
+        try:
+            self.conn.execute("SELECT pgvpn.ensure_partitions()")
+        except psycopg.Error as exc:
+            if not self._lost(exc):
+                log.error("sender: partition maintenance failed: %s", db.describe(exc))
+        self.partitions_at = time.monotonic() + PARTITION_EVERY
+
+    def _lost(self, exc: psycopg.Error) -> bool:
+        """Drop a broken connection (True); errors on a live one are the caller's (False)."""
+        assert self.conn is not None
+        if not self.conn.closed and not isinstance(exc, psycopg.OperationalError):
+            if exc.sqlstate == "PV001":
+                rows = self.conn.execute("SELECT dst, tx_seq FROM pgvpn.link WHERE src = %s",
+                                         (self.ids[self.config.peer],))
+                self.tx_seq = {int(d): int(s) for d, s in rows}
+            return False
+        delay = self.backoff.failed()
+        log.warning("sender: database error (%s); %d packets queued, reconnecting in %.1fs",
+                    db.describe(exc), len(self.queue) + len(self.pending), delay)
+        metrics.DB_UP.labels("tx").set(0)
+        if self.conn is not None:
+            self.conn.close()
+        self.conn = None
+        return True
