@@ -25,7 +25,7 @@ class AlreadyRunning(RuntimeError):
     """Another agent with the same peer name holds the link."""
 
 
-def connect(database: Database, application_name: str) -> Conn:
+def connect(database: Database, application_name: str, synchronous_commit: bool = True) -> Conn:
     """An autocommit session tuned for tail reads of the packet log.
 
     Parallel workers turn every small indexed tail read into a 3x slower gather, so the agent
@@ -37,7 +37,8 @@ def connect(database: Database, application_name: str) -> Conn:
         connect_timeout=max(1, round(database.connect_timeout)),
         application_name=application_name,
         autocommit=True,
-        options="-c max_parallel_workers_per_gather=0",
+        options="-c max_parallel_workers_per_gather=0"
+        + ("" if synchronous_commit else " -c synchronous_commit=off"),
     )
     return conn
 

@@ -25,17 +25,17 @@ log = logging.getLogger(__name__)
 
 FETCH = """
 SELECT p.src_peer, p.seq, extract(epoch FROM p.sent_at)::float8, p.payload
-FROM unnest(%s::smallint[], %s::bigint[]) AS c (src, last)
+FROM unnest(%b::smallint[], %b::bigint[]) AS c (src, last)
 CROSS JOIN LATERAL (
     SELECT src_peer, seq, sent_at, payload FROM pgvpn.packet
-    WHERE dst_peer = %s AND src_peer = c.src AND seq > c.last
-    ORDER BY seq LIMIT %s
+    WHERE dst_peer = %b AND src_peer = c.src AND seq > c.last
+    ORDER BY seq LIMIT %b
 ) AS p
 """
 SAVE_CURSORS = """
-UPDATE pgvpn.link l SET rx_seq = v.last, rx_at = statement_timestamp()
-FROM unnest(%s::smallint[], %s::bigint[]) AS v (src, last)
-WHERE l.dst = %s AND l.src = v.src AND l.rx_seq < v.last
+UPDATE pgvpn.cursor l SET rx_seq = v.last, rx_at = statement_timestamp()
+FROM unnest(%b::smallint[], %b::bigint[]) AS v (src, last)
+WHERE l.dst = %b AND l.src = v.src AND l.rx_seq < v.last
 """
 
 
@@ -163,14 +163,17 @@ class Receiver:
     def _connect(self) -> None:
         cfg = self.config
         try:
-            conn = db.connect(cfg.database, f"pgvpn-{cfg.peer}-rx")
+            # Cursor commits need not wait for the WAL flush: the live process keeps its own
+            # cursor across database restarts, so a flush lost in a database crash could only
+            # duplicate packets if the agent crashed within the same fraction of a second.
+            conn = db.connect(cfg.database, f"pgvpn-{cfg.peer}-rx", synchronous_commit=False)
             try:
                 check_version(conn)
                 ids = db.register(conn, [p.name for p in cfg.peers])
                 self.me = ids[cfg.peer]
                 db.lock_peer(conn, db.LOCK_RECEIVER, self.me, cfg.peer)
                 conn.execute(sql.SQL("LISTEN {}").format(sql.Identifier(self.channel)))
-                rows = conn.execute("SELECT src, rx_seq FROM pgvpn.link WHERE dst = %s",
+                rows = conn.execute("SELECT src, rx_seq FROM pgvpn.cursor WHERE dst = %s",
                                     (self.me,))
                 saved = {int(s): int(r) for s, r in rows}
             except BaseException:

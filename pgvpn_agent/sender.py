@@ -26,13 +26,14 @@ from pgvpn_agent.tun import Tun
 log = logging.getLogger(__name__)
 
 SEND_BATCH = (
-    "SELECT pgvpn.send_batch(%s::smallint, %s, %s::smallint[], %s::bigint[], %s::bigint[],"
-    " %s::smallint[], %s::bigint[], %s::float8[], %s::smallint[], %s::text[], %s::text[],"
-    " %s::smallint[], %s::int[], %s::int[], %s::int[], %s::bool[], %s::bytea[])"
+    "SELECT pgvpn.send_batch(%b::smallint, %b, %b::smallint[], %b::bigint[], %b::bigint[],"
+    " %b::smallint[], %b::bigint[], %b::float8[], %b::smallint[], %b::text[], %b::text[],"
+    " %b::smallint[], %b::int[], %b::int[], %b::int[], %b::bool[], %b::bytea[])"
 )
-NOTIFY_PAYLOADS = "SELECT pg_notify(c, m) FROM unnest(%s::text[], %s::text[]) AS t (c, m)"
+NOTIFY_PAYLOADS = "SELECT pg_notify(c, m) FROM unnest(%b::text[], %b::text[]) AS t (c, m)"
 PARTITION_EVERY = 3600.0
 
+# %b everywhere: in text format a bytea[] parameter travels hex-encoded, 2.5x slower overall.
 # One queued packet: capture time (sender clock) and the raw bytes.
 Captured = tuple[float, bytes]
 

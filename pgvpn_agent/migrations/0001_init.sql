@@ -15,21 +15,30 @@ CREATE TABLE pgvpn.peer (
 );
 COMMENT ON TABLE pgvpn.peer IS 'One row per tunnel peer; ids keep the packet rows narrow.';
 
--- One row per (sender -> receiver) link. tx_seq is the last sequence number the sender
--- committed; rx_seq the last one the receiver delivered. A single writer per link, enforced by
--- the compare-and-set on tx_seq in send_batch(), makes sequence order equal commit order, so a
--- reader that asks for seq > rx_seq can never skip a row that commits late.
+-- One row per (sender -> receiver) link: the last sequence number the sender committed. A single
+-- writer per link, enforced by the compare-and-set in send_batch(), makes sequence order equal
+-- commit order, so a reader asking for seq > its cursor can never skip a row that commits late.
 CREATE TABLE pgvpn.link (
     src smallint NOT NULL REFERENCES pgvpn.peer (id),
     dst smallint NOT NULL REFERENCES pgvpn.peer (id),
     tx_seq bigint NOT NULL DEFAULT 0,
     tx_at timestamptz,
-    rx_seq bigint NOT NULL DEFAULT 0,
-    rx_at timestamptz,
     PRIMARY KEY (src, dst),
     CHECK (src <> dst)
 ) WITH (fillfactor = 20);
-COMMENT ON TABLE pgvpn.link IS 'Per-link sender sequence and receiver cursor (updated every batch).';
+COMMENT ON TABLE pgvpn.link IS 'Per-link sender sequence, advanced by every logged batch.';
+
+-- The receiver's side of a link, in its own table so that sender and receiver never wait for
+-- each other's row lock.
+CREATE TABLE pgvpn.cursor (
+    src smallint NOT NULL,
+    dst smallint NOT NULL,
+    rx_seq bigint NOT NULL DEFAULT 0,
+    rx_at timestamptz,
+    PRIMARY KEY (src, dst),
+    FOREIGN KEY (src, dst) REFERENCES pgvpn.link (src, dst)
+) WITH (fillfactor = 20);
+COMMENT ON TABLE pgvpn.cursor IS 'Last sequence number each receiver delivered, per link.';
 
 CREATE TABLE pgvpn.packet (
     src_peer smallint NOT NULL,
@@ -104,6 +113,8 @@ BEGIN
         SELECT a.id, b.id FROM pgvpn.peer a, pgvpn.peer b
         WHERE a.id <> b.id AND a.name = ANY (names) AND b.name = ANY (names)
         ON CONFLICT DO NOTHING;
+    INSERT INTO pgvpn.cursor (src, dst) SELECT l.src, l.dst FROM pgvpn.link l
+        ON CONFLICT DO NOTHING;
     RETURN QUERY SELECT p.name, p.id FROM pgvpn.peer p WHERE p.name = ANY (names);
 END
 $$;
@@ -169,7 +180,8 @@ CREATE TRIGGER packet_notify AFTER INSERT ON pgvpn.packet
 GRANT USAGE ON SCHEMA pgvpn TO pgvpn_agent;
 GRANT SELECT ON pgvpn.schema_version TO pgvpn_agent;
 GRANT SELECT ON pgvpn.peer TO pgvpn_agent;
-GRANT SELECT, UPDATE (tx_seq, tx_at, rx_seq, rx_at) ON pgvpn.link TO pgvpn_agent;
+GRANT SELECT, UPDATE (tx_seq, tx_at) ON pgvpn.link TO pgvpn_agent;
+GRANT SELECT, UPDATE (rx_seq, rx_at) ON pgvpn.cursor TO pgvpn_agent;
 GRANT SELECT, INSERT ON pgvpn.packet TO pgvpn_agent;
 GRANT EXECUTE ON FUNCTION pgvpn.ensure_partitions(integer) TO pgvpn_agent;
 GRANT EXECUTE ON FUNCTION pgvpn.register_peers(text[]) TO pgvpn_agent;

@@ -1,0 +1,1 @@
+"""pgvpn agent: an IP tunnel whose only transport is PostgreSQL."""
