@@ -259,6 +259,39 @@ class Lab:
         cmd += ["-6", dst.ipv6] if v6 else ["-4", dst.ipv4]
         return self.exec(src, cmd).returncode == 0
 
+    def iperf(self, src: LabPeer, dst: LabPeer, seconds: float = 3, streams: int = 1,
+              reverse: bool = False) -> dict[str, Any]:
+        """iperf3 TCP from src to dst through the tunnel; returns iperf3's JSON report."""
+        server = subprocess.Popen(
+            ["ip", "netns", "exec", dst.netns, "iperf3", "-s", "-1", "-B", dst.ipv4],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        try:
+            for _ in range(50):
+                if self.exec(dst, ["ss", "-ltn", f"src {dst.ipv4}:5201"]).stdout.count("LISTEN"):
+                    break
+                time.sleep(0.1)
+            cmd = ["iperf3", "-J", "-c", dst.ipv4, "-t", str(seconds), "-P", str(streams)]
+            out = self.exec(src, cmd + (["-R"] if reverse else []), timeout=seconds + 60)
+            report: dict[str, Any] = json.loads(out.stdout or "{}")
+            if out.returncode != 0 or "error" in report:
+                raise LabError(f"iperf3 failed: {report.get('error', out.stderr.strip())}")
+            return report
+        finally:
+            server.kill()
+            server.wait()
+
+    def agent_metrics(self, peer: LabPeer) -> dict[str, float]:
+        """The agent's Prometheus samples, keyed by sample name with labels."""
+        out = self.exec(peer, [sys.executable, "-c", _SCRAPE], timeout=10)
+        if out.returncode != 0:
+            raise LabError(f"cannot scrape metrics of {peer.name}: {out.stderr.strip()}")
+        samples: dict[str, float] = {}
+        for line in out.stdout.splitlines():
+            if line and not line.startswith("#"):
+                key, _, value = line.rpartition(" ")
+                samples[key] = float(value)
+        return samples
+
     def wait_mesh(self, timeout: float) -> None:
         deadline = time.monotonic() + timeout
         todo = [(a, b, v6) for a in self.peers for b in self.peers if a is not b
@@ -273,6 +306,10 @@ class Lab:
                 a, b, v6 = todo[0]
                 raise LabError(f"{a.name} cannot ping {b.name} ({'v6' if v6 else 'v4'}) after "
                                f"{timeout:.0f}s; agent log {a.log}:\n" + _tail(a.log))
+
+
+_SCRAPE = ("import urllib.request; print(urllib.request.urlopen("
+           "'http://127.0.0.1:9478/metrics', timeout=5).read().decode())")
 
 
 def _role(peer: str) -> str:
