@@ -103,8 +103,12 @@ class Lab:
                 log=str(workdir / f"peer{i}.log")))
         return lab
 
-    def up(self, timeout: float = 60.0) -> None:
-        """Start everything and return once every peer pings every other one (v4 and v6)."""
+    def up(self, timeout: float = 60.0, agents: bool = True) -> None:
+        """Start everything and return once every peer pings every other one (v4 and v6).
+
+        With agents=False only the database comes up (and each peer's config file is written),
+        for tests that drive senders and receivers themselves.
+        """
         for tool in ("ip", "ping", "runuser"):
             if shutil.which(tool) is None:
                 raise LabError(f"`{tool}` is not installed (apt-get install iproute2 iputils-ping)")
@@ -114,12 +118,14 @@ class Lab:
             self.start_postgres(init=True)
             self.init_database()
             for peer in self.peers:
+                self.write_config(peer)
+            for peer in self.peers if agents else []:
                 _run(["ip", "netns", "add", peer.netns])
                 _run(["ip", "-n", peer.netns, "link", "set", "lo", "up"])
-                self.write_config(peer)
                 self.start_agent(peer)
             self.save()
-            self.wait_mesh(timeout)
+            if agents:
+                self.wait_mesh(timeout)
         except BaseException:
             self.down()
             raise

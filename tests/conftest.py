@@ -1,4 +1,4 @@
-"""Shared fixtures: a real lab (PostgreSQL + network namespaces + agents) per test that needs one."""
+"""Shared fixtures: a real lab (PostgreSQL, network namespaces, agents) for each test."""
 
 from __future__ import annotations
 
@@ -42,14 +42,14 @@ def make_lab() -> Iterator[Callable[..., Lab]]:
     """Bring up labs on demand; every one is torn down after the test, pass or fail."""
     labs: list[Lab] = []
 
-    def make(peers: int = 2, **kwargs: Any) -> Lab:
+    def make(peers: int = 2, agents: bool = True, **kwargs: Any) -> Lab:
         n = next(_counter)
         workdir = Path(tempfile.mkdtemp(prefix="pgvpn-test-", dir="/tmp"))
         workdir.chmod(0o755)
         lab = Lab.create(workdir, peers=peers, prefix=f"pgvt{os.getpid() % 100000}-{n}-",
                          port=56000 + n % 1000, **kwargs)
         labs.append(lab)
-        lab.up()
+        lab.up(agents=agents)
         return lab
 
     yield make

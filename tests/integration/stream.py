@@ -35,11 +35,12 @@ class Stream:
             with self._lock:
                 self.received.append(int(line))
 
-    def send(self, n: int) -> None:
+    def send(self, n: int) -> bool:
+        """False when the local kernel refused the datagram (no route: the TUN is gone)."""
         assert self.send_proc.stdin is not None and self.send_proc.stdout is not None
         self.send_proc.stdin.write(f"{n}\n")
         self.send_proc.stdin.flush()
-        self.send_proc.stdout.readline()
+        return self.send_proc.stdout.readline().strip() == "ok"
 
     def wait_for(self, n: int, timeout: float) -> bool:
         deadline = time.monotonic() + timeout

@@ -15,8 +15,11 @@ def send(host: str, port: int) -> None:
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     s = socket.socket(family, socket.SOCK_DGRAM)
     for line in sys.stdin:
-        s.sendto(line.strip().encode() + b" " + PAD, (host, port))
-        print("ok", flush=True)
+        try:
+            s.sendto(line.strip().encode() + b" " + PAD, (host, port))
+            print("ok", flush=True)
+        except OSError as exc:  # no route while the local agent (and its TUN) is down
+            print(f"error {exc.errno}", flush=True)
 
 
 def recv(port: int) -> None:

@@ -1,0 +1,99 @@
+"""Faults mid-transfer: the tunnel heals by itself and every logged packet arrives exactly once."""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+import time
+
+import psycopg
+import pytest
+
+from pgvpn_agent.lab import Lab, LabPeer
+from tests.integration.stream import Stream
+
+pytestmark = pytest.mark.integration
+PORT = 7001
+
+
+def logged_numbers(lab: Lab) -> list[int]:
+    """Datagram numbers of every row of the stream, in log order per link."""
+    with psycopg.connect(lab.dsn()) as conn:
+        rows = conn.execute("SELECT payload FROM pgvpn.packet WHERE dst_port = %s ORDER BY seq",
+                            (PORT,)).fetchall()
+    return [int(bytes(p)[28:].split(b" ", 1)[0]) for (p,) in rows]
+
+
+def kill_and_restart(lab: Lab, peer: LabPeer, down_for: float) -> None:
+    os.kill(peer.pid, signal.SIGKILL)
+    lab.stop_agent(peer)  # reaps it
+    time.sleep(down_for)
+    lab.start_agent(peer)
+
+
+def settle(stream: Stream, lab: Lab, timeout: float = 30) -> None:
+    """Wait until everything logged has been delivered (or the timeout passes)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if len(stream.received) >= len(logged_numbers(lab)):
+            time.sleep(0.5)
+            return
+        time.sleep(0.2)
+
+
+def assert_exactly_once(lab: Lab, received: list[int]) -> list[int]:
+    logged = logged_numbers(lab)
+    assert len(logged) == len(set(logged)), "a datagram was logged twice"
+    assert len(received) == len(set(received)), f"duplicates delivered: {len(received)}"
+    assert sorted(received) == sorted(logged), (
+        f"logged but not delivered: {sorted(set(logged) - set(received))[:20]}; "
+        f"delivered but not logged: {sorted(set(received) - set(logged))[:20]}")
+    return logged
+
+
+def test_agents_killed_and_restarted_mid_transfer(make_lab):
+    lab = make_lab(peers=2, transport={"max_age": 300.0})
+    a, b = lab.peers
+    stream = Stream(lab, a, b, port=PORT)
+    accepted = 0
+    for n in range(1, 401):
+        accepted += stream.send(n)
+        time.sleep(0.005)
+        if n == 100:
+            # the sending side dies with packets in flight
+            kill_and_restart(lab, a, down_for=0.3)
+        if n == 250:
+            # the receiving side dies; packets keep being logged while it is away. Kill it
+            # between two deliveries: a TUN write and the cursor commit that follows it cannot
+            # be one atomic step, so killing inside that microsecond window is not a fault any
+            # design could make exactly-once (see README, delivery guarantees).
+            assert stream.wait_for(n, timeout=10)
+            time.sleep(0.05)
+            kill_and_restart(lab, b, down_for=1.0)
+    settle(stream, lab)
+    received = stream.close()
+    logged = assert_exactly_once(lab, received)
+    # Packets sent while peer1's agent was down never entered the tunnel; all others did.
+    assert len(logged) == accepted
+    assert accepted > 200 and 400 in received, "the tunnel did not come back"
+
+
+@pytest.mark.parametrize("mode", ["fast", "immediate"])
+def test_postgres_restarted_mid_transfer(make_lab, mode):
+    lab = make_lab(peers=2, transport={"max_age": 300.0})
+    a, b = lab.peers
+    stream = Stream(lab, a, b, port=PORT)
+    restart = threading.Thread(target=lab.restart_postgres, args=(mode,))
+    for n in range(1, 401):
+        assert stream.send(n)
+        time.sleep(0.005)
+        if n == 150:
+            restart.start()
+    restart.join()
+    settle(stream, lab, timeout=60)
+    received = stream.close()
+    assert_exactly_once(lab, received)
+    # Nothing was lost: packets captured during the outage waited in the agent's queue.
+    assert sorted(received) == list(range(1, 401))
+    assert lab.ping(a, b) and lab.ping(b, a, v6=True)
