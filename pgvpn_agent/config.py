@@ -21,6 +21,7 @@ MODES = ("logged", "trigger", "payload")
 PEER_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,49}$")
 # NOTIFY payloads are limited to 8000 bytes; a packet travels base64-encoded with a short header.
 PAYLOAD_MODE_MAX_MTU = 5900
+_TWO_PEERS = "peers: at least two [[peers]] tables are required (this one and another)"
 
 Interface = ipaddress.IPv4Interface | ipaddress.IPv6Interface
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
@@ -169,7 +170,8 @@ def parse(raw: dict[str, Any]) -> Config:
         )
 
     tr_raw = _table(raw, "transport")
-    _known(tr_raw, "transport.", {"batch_max", "queue_max", "max_age", "poll_interval", "fetch_max"})
+    _known(tr_raw, "transport.",
+           {"batch_max", "queue_max", "max_age", "poll_interval", "fetch_max"})
     transport = Transport(
         batch_max=_int(tr_raw, "transport.", "batch_max", 256, lo=1, hi=10_000),
         queue_max=_int(tr_raw, "transport.", "queue_max", 8192, lo=1, hi=10_000_000),
@@ -199,7 +201,8 @@ def parse(raw: dict[str, Any]) -> Config:
     config = Config(peer=peer, mode=mode, database=database, tun=tun, transport=transport,
                     metrics=metrics, peers=peers)
     try:
-        config.route_table()
+        # every peer's prefixes, ours included: two peers must never claim the same prefix
+        RouteTable((str(net), p.name) for p in peers for net in p.prefixes())
     except RoutingError as exc:
         raise ConfigError(f"peers: {exc}") from exc
     return config
@@ -208,7 +211,7 @@ def parse(raw: dict[str, Any]) -> Config:
 def _peers(raw: dict[str, Any]) -> tuple[Peer, ...]:
     items = raw.get("peers")
     if not isinstance(items, list) or not items:
-        raise ConfigError("peers: at least two [[peers]] tables are required (this one and another)")
+        raise ConfigError(_TWO_PEERS)
     peers: list[Peer] = []
     seen: set[str] = set()
     for i, item in enumerate(items):
@@ -243,7 +246,7 @@ def _peers(raw: dict[str, Any]) -> tuple[Peer, ...]:
                 raise ConfigError(f"{where}routes: {r!r}: {exc}") from None
         peers.append(Peer(name=name, addresses=tuple(addresses), routes=tuple(routes)))
     if len(peers) < 2:
-        raise ConfigError("peers: at least two [[peers]] tables are required (this one and another)")
+        raise ConfigError(_TWO_PEERS)
     return tuple(peers)
 
 

@@ -73,7 +73,7 @@ class Backoff:
         return max(0.0, self.next_at - time.monotonic())
 
     def failed(self) -> float:
-        delay = min(self.cap, self.first * 2**self.attempt) * random.uniform(0.5, 1.0)
+        delay = min(self.cap, self.first * 2.0**self.attempt) * random.uniform(0.5, 1.0)
         self.attempt += 1
         self.next_at = time.monotonic() + delay
         return delay

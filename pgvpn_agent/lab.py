@@ -255,7 +255,8 @@ class Lab:
             while _alive(peer.pid):
                 time.sleep(0.05)
 
-    def exec(self, peer: LabPeer, cmd: list[str], **kwargs: Any) -> subprocess.CompletedProcess[str]:
+    def exec(self, peer: LabPeer, cmd: list[str],
+             **kwargs: Any) -> subprocess.CompletedProcess[str]:
         """Run a command inside a peer's namespace."""
         return subprocess.run(["ip", "netns", "exec", peer.netns, *cmd], capture_output=True,
                               text=True, **kwargs)

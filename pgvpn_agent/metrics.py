@@ -1,4 +1,4 @@
-"""Prometheus metrics, defined once. Updated per batch, never per packet, to stay off the hot path."""
+"""Prometheus metrics, defined once; updated per batch, never per packet (the hot path)."""
 
 from __future__ import annotations
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 from importlib import resources
+from typing import Any
 
 import psycopg
 from psycopg import sql
@@ -44,7 +45,7 @@ def migrations() -> list[Migration]:
 LATEST = len(migrations())
 
 
-def current_version(conn: psycopg.Connection[object]) -> int:
+def current_version(conn: psycopg.Connection[Any]) -> int:
     """0 when the schema has never been installed."""
     row = conn.execute(
         "SELECT to_regclass('pgvpn.schema_version') IS NOT NULL"
@@ -55,7 +56,7 @@ def current_version(conn: psycopg.Connection[object]) -> int:
     return int(row[0]) if row else 0
 
 
-def migrate(conn: psycopg.Connection[object], owner: str | None = None) -> list[int]:
+def migrate(conn: psycopg.Connection[Any], owner: str | None = None) -> list[int]:
     """Bring the schema to LATEST; returns the versions applied (empty when already there)."""
     applied: list[int] = []
     with conn.transaction():
@@ -88,7 +89,7 @@ def migrate(conn: psycopg.Connection[object], owner: str | None = None) -> list[
     return applied
 
 
-def check_version(conn: psycopg.Connection[object]) -> None:
+def check_version(conn: psycopg.Connection[Any]) -> None:
     """Refuse to run against a schema this agent was not written for."""
     version = current_version(conn)
     if version != LATEST:

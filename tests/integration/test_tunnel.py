@@ -50,7 +50,7 @@ def test_iperf3_tcp_every_packet_is_one_row(make_lab):
         "LEFT JOIN pgvpn.packet p ON p.src_peer = l.src AND p.dst_peer = l.dst "
         "GROUP BY 1, 2, 3, 4")
     for line in rows.splitlines():
-        src, dst, tx, rx, n, distinct, lo, hi = map(int, line.split("|"))
+        _, _, tx, rx, n, distinct, lo, hi = map(int, line.split("|"))
         assert n == distinct == tx == hi, line
         assert lo == 1 and rx == tx, line
     # Every packet the kernel handed to each TUN device is a row, or a counted drop.
