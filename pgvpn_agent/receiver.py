@@ -117,9 +117,10 @@ class Receiver:
                 else:
                     c[0] += 1
                     c[1] += len(payload)
+            # What reached the TUN is delivered, whether or not the save below gets through.
+            self.cursor.update(last)
             self.conn.execute(SAVE_CURSORS, (list(last), list(last.values()), self.me),
                               prepare=True)
-            self.cursor.update(last)
             if stale:
                 metrics.DROPPED.labels("too_old").inc(stale)
             if refused:
@@ -176,6 +177,11 @@ class Receiver:
                 rows = conn.execute("SELECT src, rx_seq FROM pgvpn.cursor WHERE dst = %s",
                                     (self.me,))
                 saved = {int(s): int(r) for s, r in rows}
+                # Cursor saves lost with the old connection: write them again, so that a
+                # restart after this reconnect does not deliver those packets twice.
+                ahead = {s: c for s, c in self.cursor.items() if c > saved.get(s, 0)}
+                if ahead:
+                    conn.execute(SAVE_CURSORS, (list(ahead), list(ahead.values()), self.me))
             except BaseException:
                 conn.close()
                 raise
