@@ -14,6 +14,9 @@ log = logging.getLogger("pgvpn")
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["bench"]:
+        return _bench(argv[1:])
     args = _parser().parse_args(argv)
     logging.basicConfig(
         level=getattr(logging, args.log_level.upper()),
@@ -52,6 +55,8 @@ def _parser() -> argparse.ArgumentParser:
         c.add_argument("--owner", help="role to own the pgvpn schema")
         c.set_defaults(func=_db_migrate)
 
+    sub.add_parser("bench", help="benchmark the transport variants (see `pgvpn bench -h`)")
+
     lab = sub.add_parser("lab", help="the tunnel on this machine, in network namespaces")
     labs = lab.add_subparsers(required=True)
     up = labs.add_parser("up", help="start a database and N peers; returns when all ping")
@@ -69,6 +74,20 @@ def _parser() -> argparse.ArgumentParser:
     down.add_argument("--dir", type=Path, default=None)
     down.set_defaults(func=_lab_down)
     return p
+
+
+def _bench(argv: list[str]) -> int:
+    """The benchmark lives in the source tree's bench/, next to this package."""
+    root = Path(__file__).resolve().parents[1]
+    if not (root / "bench" / "tunnel.py").exists():
+        print("pgvpn: error: `pgvpn bench` runs from a source checkout (bench/ not found)",
+              file=sys.stderr)
+        return 2
+    sys.path.insert(0, str(root))
+    logging.basicConfig(level=logging.WARNING)
+    from bench.tunnel import main as bench_main
+
+    return bench_main(argv)
 
 
 def _run(args: argparse.Namespace) -> int:

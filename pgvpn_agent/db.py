@@ -9,6 +9,7 @@ from typing import Any
 
 import psycopg
 
+from pgvpn_agent import wire
 from pgvpn_agent.config import Database
 
 log = logging.getLogger(__name__)
@@ -40,6 +41,7 @@ def connect(database: Database, application_name: str, synchronous_commit: bool 
         options="-c max_parallel_workers_per_gather=0"
         + ("" if synchronous_commit else " -c synchronous_commit=off"),
     )
+    wire.register(conn)
     return conn
 
 

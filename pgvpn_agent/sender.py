@@ -13,11 +13,10 @@ import select
 import threading
 import time
 from collections import deque
-from typing import Any
 
 import psycopg
 
-from pgvpn_agent import db, metrics
+from pgvpn_agent import db, metrics, wire
 from pgvpn_agent.config import Config
 from pgvpn_agent.packet import MalformedPacket, parse
 from pgvpn_agent.schema import check_version
@@ -25,15 +24,10 @@ from pgvpn_agent.tun import Tun
 
 log = logging.getLogger(__name__)
 
-SEND_BATCH = (
-    "SELECT pgvpn.send_batch(%b::smallint, %b, %b::smallint[], %b::bigint[], %b::bigint[],"
-    " %b::smallint[], %b::bigint[], %b::float8[], %b::smallint[], %b::text[], %b::text[],"
-    " %b::smallint[], %b::int[], %b::int[], %b::int[], %b::bool[], %b::bytea[])"
-)
+SEND_BATCH = "SELECT pgvpn.send_batch(%b::int2, " + ", ".join(["%b"] * 16) + ")"
 NOTIFY_PAYLOADS = "SELECT pg_notify(c, m) FROM unnest(%b::text[], %b::text[]) AS t (c, m)"
 PARTITION_EVERY = 3600.0
 
-# %b everywhere: in text format a bytea[] parameter travels hex-encoded, 2.5x slower overall.
 # One queued packet: capture time (sender clock) and the raw bytes.
 Captured = tuple[float, bytes]
 
@@ -122,9 +116,18 @@ class Sender:
         ids = self.ids
         next_seq = dict(self.tx_seq)
         counts: dict[int, list[int]] = {}
-        cols: tuple[list[Any], ...] = tuple([] for _ in range(12))
-        (r_dst, r_seq, r_sent, r_ver, r_src, r_dsta, r_proto, r_sport, r_dport, r_len, r_frag,
-         r_payload) = cols
+        r_dst: list[int] = []
+        r_seq: list[int] = []
+        r_sent: list[float] = []
+        r_ver: list[int] = []
+        r_src: list[bytes] = []
+        r_dsta: list[bytes] = []
+        r_proto: list[int] = []
+        r_sport: list[int | None] = []
+        r_dport: list[int | None] = []
+        r_len: list[int] = []
+        r_frag: list[bool] = []
+        r_payload: list[bytes] = []
         malformed = no_route = 0
         for sent_at, packet in batch:
             try:
@@ -149,8 +152,12 @@ class Sender:
             r_seq.append(seq)
             r_sent.append(sent_at)
             r_ver.append(h.version)
-            r_src.append(h.src)
-            r_dsta.append(h.dst)
+            if h.version == 4:
+                r_src.append(wire.INET4 + packet[12:16])
+                r_dsta.append(wire.INET4 + h.dst_raw)
+            else:
+                r_src.append(wire.INET6 + packet[8:24])
+                r_dsta.append(wire.INET6 + h.dst_raw)
             r_proto.append(h.protocol)
             r_sport.append(h.src_port)
             r_dport.append(h.dst_port)
@@ -164,14 +171,27 @@ class Sender:
         if not r_dst:
             return
         links = sorted(counts)
-        l_first = [self.tx_seq[d] + 1 for d in links]
-        l_last = [next_seq[d] for d in links]
-        started = time.perf_counter()
-        self.conn.execute(
-            SEND_BATCH,
-            (self.ids[self.config.peer], self.notify, links, l_first, l_last, *cols),
-            prepare=True,
+        params = (
+            ids[self.config.peer],
+            self.notify,
+            wire.fixed("int2", links),
+            wire.fixed("int8", [self.tx_seq[d] + 1 for d in links]),
+            wire.fixed("int8", [next_seq[d] for d in links]),
+            wire.fixed("int2", r_dst),
+            wire.fixed("int8", r_seq),
+            wire.timestamps(r_sent),
+            wire.fixed("int2", r_ver),
+            wire.blobs("inet", r_src),
+            wire.blobs("inet", r_dsta),
+            wire.fixed("int2", r_proto),
+            wire.nullable_int4(r_sport),
+            wire.nullable_int4(r_dport),
+            wire.fixed("int4", r_len),
+            wire.booleans(r_frag),
+            wire.blobs("bytea", r_payload),
         )
+        started = time.perf_counter()
+        self.conn.execute(SEND_BATCH, params, prepare=True)
         metrics.INSERT_SECONDS.observe(time.perf_counter() - started)
         for d in links:
             self.tx_seq[d] = next_seq[d]

@@ -126,8 +126,8 @@ CREATE FUNCTION pgvpn.send_batch(
     p_src smallint,
     p_notify boolean,
     l_dst smallint[], l_first bigint[], l_last bigint[],
-    r_dst smallint[], r_seq bigint[], r_sent_at double precision[], r_version smallint[],
-    r_src_addr text[], r_dst_addr text[], r_protocol smallint[], r_src_port integer[],
+    r_dst smallint[], r_seq bigint[], r_sent_at timestamptz[], r_version smallint[],
+    r_src_addr inet[], r_dst_addr inet[], r_protocol smallint[], r_src_port integer[],
     r_dst_port integer[], r_length integer[], r_fragment boolean[], r_payload bytea[])
 RETURNS void
 LANGUAGE plpgsql
@@ -146,8 +146,8 @@ BEGIN
     END IF;
     INSERT INTO pgvpn.packet (src_peer, dst_peer, seq, sent_at, ip_version, src_addr, dst_addr,
                               protocol, src_port, dst_port, length, fragment, payload)
-    SELECT p_src, r.dst, r.seq, to_timestamp(r.sent_at), r.version, r.src_addr::inet,
-           r.dst_addr::inet, r.protocol, r.src_port, r.dst_port, r.length, r.fragment, r.payload
+    SELECT p_src, r.dst, r.seq, r.sent_at, r.version, r.src_addr, r.dst_addr, r.protocol,
+           r.src_port, r.dst_port, r.length, r.fragment, r.payload
     FROM unnest(r_dst, r_seq, r_sent_at, r_version, r_src_addr, r_dst_addr, r_protocol,
                 r_src_port, r_dst_port, r_length, r_fragment, r_payload)
          AS r (dst, seq, sent_at, version, src_addr, dst_addr, protocol, src_port, dst_port,
@@ -186,5 +186,5 @@ GRANT SELECT, INSERT ON pgvpn.packet TO pgvpn_agent;
 GRANT EXECUTE ON FUNCTION pgvpn.ensure_partitions(integer) TO pgvpn_agent;
 GRANT EXECUTE ON FUNCTION pgvpn.register_peers(text[]) TO pgvpn_agent;
 GRANT EXECUTE ON FUNCTION pgvpn.send_batch(smallint, boolean, smallint[], bigint[], bigint[],
-    smallint[], bigint[], double precision[], smallint[], text[], text[], smallint[], integer[],
+    smallint[], bigint[], timestamptz[], smallint[], inet[], inet[], smallint[], integer[],
     integer[], integer[], boolean[], bytea[]) TO pgvpn_agent;

@@ -6,6 +6,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from pgvpn_agent.lab import Lab, LabPeer
@@ -64,3 +65,16 @@ class Stream:
         self.recv.wait(10)
         self._reader.join(10)
         return list(self.received)
+
+
+def eventually(check: Callable[[], None], timeout: float = 10.0) -> None:
+    """Retry an assertion until it holds: packets still in flight settle within moments."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            check()
+            return
+        except AssertionError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.2)

@@ -13,7 +13,7 @@ import time
 import psycopg
 import pytest
 
-from pgvpn_agent import config
+from pgvpn_agent import config, db
 from pgvpn_agent.receiver import Receiver
 from pgvpn_agent.sender import Sender
 from tests.packets import ipv4, ports
@@ -93,7 +93,7 @@ def test_a_second_writer_on_one_link_cannot_interleave(peers):
     # An impostor with the same peer name: it can only get past the advisory lock if the
     # first one's session is gone, so take the link row directly with a second session.
     second = Sender(cfg["peer1"], ListTun(), stop)  # type: ignore[arg-type]
-    second.conn = psycopg.connect(first.conn.info.dsn, autocommit=True)
+    second.conn = db.connect(config.Database(dsn=first.conn.info.dsn), "impostor")
     second.ids, second.names, second.tx_seq = first.ids, first.names, dict(first.tx_seq)
 
     first.conn.autocommit = False

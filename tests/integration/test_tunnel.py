@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from tests.integration.stream import Stream
+from pgvpn_agent.lab import LabPeer
+from tests.integration.stream import Stream, eventually
 
 pytestmark = pytest.mark.integration
 
@@ -43,18 +44,20 @@ def test_iperf3_tcp_every_packet_is_one_row(make_lab):
     assert report["end"]["sum_received"]["bytes"] > 0
     # Per link: sequence numbers are 1..tx_seq with no gap and no duplicate, and the receiver
     # has delivered all of them.
-    rows = lab.psql(
-        "SELECT l.src, l.dst, l.tx_seq, c.rx_seq, count(p.seq), count(DISTINCT p.seq), "
-        "coalesce(min(p.seq), 0), coalesce(max(p.seq), 0) "
-        "FROM pgvpn.link l JOIN pgvpn.cursor c USING (src, dst) "
-        "LEFT JOIN pgvpn.packet p ON p.src_peer = l.src AND p.dst_peer = l.dst "
-        "GROUP BY 1, 2, 3, 4")
-    for line in rows.splitlines():
-        _, _, tx, rx, n, distinct, lo, hi = map(int, line.split("|"))
-        assert n == distinct == tx == hi, line
-        assert lo == 1 and rx == tx, line
+    def sequences_complete() -> None:
+        rows = lab.psql(
+            "SELECT l.src, l.dst, l.tx_seq, c.rx_seq, count(p.seq), count(DISTINCT p.seq), "
+            "coalesce(min(p.seq), 0), coalesce(max(p.seq), 0) "
+            "FROM pgvpn.link l JOIN pgvpn.cursor c USING (src, dst) "
+            "LEFT JOIN pgvpn.packet p ON p.src_peer = l.src AND p.dst_peer = l.dst "
+            "GROUP BY 1, 2, 3, 4")
+        for line in rows.splitlines():
+            _, _, tx, rx, n, distinct, lo, hi = map(int, line.split("|"))
+            assert n == distinct == tx == hi, line
+            assert lo == 1 and rx == tx, line
+
     # Every packet the kernel handed to each TUN device is a row, or a counted drop.
-    for peer in lab.peers:
+    def kernel_count_matches(peer: LabPeer) -> None:
         stats = lab.exec(peer, ["cat", f"/sys/class/net/{peer.tun}/statistics/tx_packets"])
         from_kernel = int(stats.stdout)
         logged = int(lab.psql("SELECT count(*) FROM pgvpn.packet p JOIN pgvpn.peer s "
@@ -62,6 +65,10 @@ def test_iperf3_tcp_every_packet_is_one_row(make_lab):
         m = lab.agent_metrics(peer)
         dropped = sum(v for k, v in m.items() if k.startswith("pgvpn_packets_dropped_total"))
         assert from_kernel == logged + dropped, (peer.name, from_kernel, logged, m)
+
+    eventually(sequences_complete)
+    for peer in lab.peers:
+        eventually(lambda peer=peer: kernel_count_matches(peer))
 
 
 @pytest.mark.parametrize("v6", [False, True], ids=["ipv4", "ipv6"])
