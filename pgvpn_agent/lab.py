@@ -119,10 +119,11 @@ class Lab:
             self.init_database()
             for peer in self.peers:
                 self.write_config(peer)
-            for peer in self.peers if agents else []:
+            for peer in self.peers:
                 _run(["ip", "netns", "add", peer.netns])
                 _run(["ip", "-n", peer.netns, "link", "set", "lo", "up"])
-                self.start_agent(peer)
+                if agents:
+                    self.start_agent(peer)
             self.save()
             if agents:
                 self.wait_mesh(timeout)
