@@ -1,0 +1,116 @@
+"""Peer isolation in the database: a peer reads only its own traffic and writes only as itself."""
+
+from __future__ import annotations
+
+import time
+
+import psycopg
+import pytest
+
+from pgvpn_agent import db, wire
+from pgvpn_agent.config import Database
+from pgvpn_agent.lab import Lab
+from tests.packets import ipv4, ports
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture
+def lab(make_lab) -> Lab:
+    """Three peers with traffic between all of them, logged."""
+    lab = make_lab(peers=3)
+    for a in lab.peers:
+        for b in lab.peers:
+            if a is not b:
+                assert lab.ping(a, b)
+    return lab
+
+
+def as_peer(lab: Lab, name: str) -> db.Conn:
+    return db.connect(Database(dsn=lab.dsn(f"pgvpn_{name}")), "attacker")
+
+
+def refused(conn: db.Conn, query: str, params: tuple[object, ...] = ()) -> str:
+    with pytest.raises(psycopg.Error) as info:
+        conn.execute(query, params)
+    return info.value.sqlstate or ""
+
+
+def ids(lab: Lab) -> dict[str, int]:
+    rows = lab.psql("SELECT name || '=' || id FROM pgvpn.peer").split()
+    return {k: int(v) for k, v in (r.split("=") for r in rows)}
+
+
+def test_peer_reads_only_rows_addressed_to_it(lab):
+    peer = ids(lab)
+    with as_peer(lab, "peer1") as conn:
+        rows = conn.execute("SELECT DISTINCT dst_peer FROM pgvpn.packet").fetchall()
+        assert rows == [(peer["peer1"],)]
+        assert conn.execute("SELECT count(*) FROM pgvpn.packet WHERE dst_peer = %s",
+                            (peer["peer2"],)).fetchone() == (0,)
+        # the partitions themselves are not readable either
+        part = lab.psql("SELECT inhrelid::regclass FROM pg_inherits "
+                        "WHERE inhparent = 'pgvpn.packet'::regclass LIMIT 1")
+        assert refused(conn, f"SELECT * FROM {part}") == "42501"
+        assert all(peer["peer1"] in r for r in conn.execute("SELECT src, dst FROM pgvpn.link"))
+
+
+def test_peer_cannot_forge_update_or_delete_log_rows(lab):
+    peer = ids(lab)
+    with as_peer(lab, "peer1") as conn:
+        assert refused(conn, "INSERT INTO pgvpn.packet (src_peer, dst_peer, seq, sent_at, "
+                       "ip_version, src_addr, dst_addr, protocol, length, payload) VALUES "
+                       "(%s, %s, 999999, now(), 4, '10.77.0.2', '10.77.0.3', 1, 1, '\\x00')",
+                       (peer["peer2"], peer["peer3"])) == "42501"
+        assert refused(conn, "UPDATE pgvpn.packet SET payload = '\\x00'") == "42501"
+        assert refused(conn, "DELETE FROM pgvpn.packet") == "42501"
+        assert refused(conn, "TRUNCATE pgvpn.packet") == "42501"
+        assert refused(conn, "UPDATE pgvpn.link SET tx_seq = 0") == "42501"
+        # send_batch() claiming to be peer2
+        packet = ipv4("10.77.0.2", "10.77.0.3", 17, ports(1, 2))
+        n = 1
+        sqlstate = refused(conn, "SELECT pgvpn.send_batch(%b::int2, " + ", ".join(["%b"] * 16)
+                           + ")", (
+            peer["peer2"], True, wire.fixed("int2", [peer["peer3"]]),
+            wire.fixed("int8", [10**9]), wire.fixed("int8", [10**9]),
+            wire.fixed("int2", [peer["peer3"]]), wire.fixed("int8", [10**9]),
+            wire.timestamps([time.time()]), wire.fixed("int2", [4]),
+            wire.blobs("inet", [wire.INET4 + packet[12:16]]),
+            wire.blobs("inet", [wire.INET4 + packet[16:20]]), wire.fixed("int2", [17]),
+            wire.nullable_int4([1]), wire.nullable_int4([2]), wire.fixed("int4", [len(packet)]),
+            wire.booleans([False]), wire.blobs("bytea", [packet] * n)))
+        assert sqlstate == "42501"
+    assert lab.psql("SELECT count(*) FROM pgvpn.packet WHERE seq = 1000000000") == "0"
+
+
+def test_peer_cannot_move_another_peers_cursor(lab):
+    peer = ids(lab)
+    before = lab.psql("SELECT rx_seq FROM pgvpn.cursor "
+                      f"WHERE src = {peer['peer1']} AND dst = {peer['peer2']}")
+    with as_peer(lab, "peer1") as conn:
+        cur = conn.execute("UPDATE pgvpn.cursor SET rx_seq = 0 WHERE dst = %s",
+                           (peer["peer2"],))
+        assert cur.rowcount == 0
+        with pytest.raises(psycopg.Error):
+            conn.execute("UPDATE pgvpn.cursor SET dst = %s WHERE dst = %s",
+                         (peer["peer2"], peer["peer1"]))
+    after = lab.psql("SELECT rx_seq FROM pgvpn.cursor "
+                     f"WHERE src = {peer['peer1']} AND dst = {peer['peer2']}")
+    assert before == after
+
+
+def test_peer_cannot_change_the_schema(lab):
+    with as_peer(lab, "peer1") as conn:
+        assert refused(conn, "DROP TABLE pgvpn.packet") == "42501"
+        assert refused(conn, "ALTER TABLE pgvpn.packet DISABLE ROW LEVEL SECURITY") == "42501"
+        assert refused(conn, "CREATE TABLE pgvpn.x (a int)") == "42501"
+        assert refused(conn, "DROP POLICY peer_reads_own ON pgvpn.packet") == "42501"
+
+
+def test_reader_role_sees_everything_and_changes_nothing(lab):
+    lab.psql("CREATE ROLE operator LOGIN IN ROLE pgvpn_reader")
+    with psycopg.connect(lab.dsn("operator")) as conn:
+        distinct = conn.execute("SELECT count(DISTINCT dst_peer) FROM pgvpn.packet").fetchone()
+        assert distinct == (3,)
+        with pytest.raises(psycopg.Error):
+            conn.execute("DELETE FROM pgvpn.packet")
