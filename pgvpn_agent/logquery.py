@@ -1,0 +1,152 @@
+"""Reading the packet log: one filter, shared by `pgvpn log` (table/JSON) and `pgvpn pcap`."""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+from collections.abc import Iterator
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+from psycopg import sql
+
+from pgvpn_agent import db
+
+PROTOCOLS = {"icmp": 1, "tcp": 6, "udp": 17, "icmpv6": 58, "sctp": 132}
+PROTOCOL_NAMES = {v: k for k, v in PROTOCOLS.items()}
+_RELATIVE = re.compile(r"^(\d+(?:\.\d+)?)\s*(s|m|h|d)$")
+_UNITS = {"s": "seconds", "m": "minutes", "h": "hours", "d": "days"}
+
+
+class FilterError(ValueError):
+    """A filter the operator has to correct; the message names the option."""
+
+
+@dataclass(frozen=True)
+class Filter:
+    peer: str | None = None
+    src_peer: str | None = None
+    dst_peer: str | None = None
+    addr: str | None = None
+    port: int | None = None
+    protocol: int | None = None
+    since: datetime | None = None
+    until: datetime | None = None
+    limit: int | None = 100
+
+
+def parse_time(text: str, option: str, now: datetime | None = None) -> datetime:
+    """`10m`, `2h`, `1d` before now, or an ISO 8601 timestamp (UTC when no offset is given)."""
+    match = _RELATIVE.match(text.strip())
+    if match:
+        delta = timedelta(**{_UNITS[match.group(2)]: float(match.group(1))})
+        return (now or datetime.now(UTC)) - delta
+    try:
+        value = datetime.fromisoformat(text)
+    except ValueError:
+        raise FilterError(f"{option}: {text!r} is neither like 10m/2h/1d nor an ISO "
+                          "timestamp") from None
+    return value if value.tzinfo else value.replace(tzinfo=UTC)
+
+
+def parse_protocol(text: str) -> int:
+    if text.isdigit() and 0 <= int(text) <= 255:
+        return int(text)
+    try:
+        return PROTOCOLS[text.lower()]
+    except KeyError:
+        raise FilterError(f"--proto: {text!r} is not a number 0-255 or one of "
+                          f"{', '.join(PROTOCOLS)}") from None
+
+
+def check_addr(text: str) -> str:
+    try:
+        return str(ipaddress.ip_network(text, strict=False))
+    except ValueError:
+        raise FilterError(f"--addr: {text!r} is not an address or prefix") from None
+
+
+def query(f: Filter, payload: bool = False) -> tuple[sql.Composed, list[Any]]:
+    """The SELECT for a filter; each condition maps onto an index or a partition bound."""
+    where: list[sql.Composable] = []
+    params: list[Any] = []
+    if f.peer:
+        where.append(sql.SQL("(s.name = %s OR d.name = %s)"))
+        params += [f.peer, f.peer]
+    if f.src_peer:
+        where.append(sql.SQL("s.name = %s"))
+        params.append(f.src_peer)
+    if f.dst_peer:
+        where.append(sql.SQL("d.name = %s"))
+        params.append(f.dst_peer)
+    if f.addr:
+        where.append(sql.SQL("(p.src_addr <<= %s::inet OR p.dst_addr <<= %s::inet)"))
+        params += [f.addr, f.addr]
+    if f.port is not None:
+        where.append(sql.SQL("(p.src_port = %s OR p.dst_port = %s)"))
+        params += [f.port, f.port]
+    if f.protocol is not None:
+        where.append(sql.SQL("p.protocol = %s"))
+        params.append(f.protocol)
+    if f.since:
+        where.append(sql.SQL("p.logged_at >= %s"))
+        params.append(f.since)
+    if f.until:
+        where.append(sql.SQL("p.logged_at < %s"))
+        params.append(f.until)
+    columns: sql.Composable = sql.SQL(
+        "p.logged_at, p.sent_at, s.name, d.name, p.seq, p.ip_version, host(p.src_addr), "
+        "p.src_port, host(p.dst_addr), p.dst_port, p.protocol, p.length")
+    if payload:
+        columns = columns + sql.SQL(", p.payload")
+    q = sql.SQL("SELECT {} FROM pgvpn.packet p JOIN pgvpn.peer s ON s.id = p.src_peer "
+                "JOIN pgvpn.peer d ON d.id = p.dst_peer").format(columns)
+    if where:
+        q = q + sql.SQL(" WHERE ") + sql.SQL(" AND ").join(where)
+    q = q + sql.SQL(" ORDER BY p.logged_at, p.src_peer, p.seq")
+    if f.limit is not None:
+        q = q + sql.SQL(" LIMIT %s")
+        params.append(f.limit)
+    return q, params
+
+
+FIELDS = ("logged_at", "sent_at", "src_peer", "dst_peer", "seq", "ip_version", "src_addr",
+          "src_port", "dst_addr", "dst_port", "protocol", "length")
+
+
+def rows(conn: db.Conn, f: Filter, payload: bool = False) -> Iterator[tuple[Any, ...]]:
+    """Stream the matching rows with a server-side cursor: a pcap of millions of rows must not
+    be held in memory."""
+    q, params = query(f, payload)
+    with conn.transaction(), conn.cursor(name="pgvpn_log", binary=True) as cur:
+        cur.itersize = 2000
+        cur.execute(q, params)
+        yield from cur
+
+
+def as_dict(row: tuple[Any, ...]) -> dict[str, Any]:
+    out = dict(zip(FIELDS, row, strict=False))
+    out["logged_at"] = row[0].isoformat()
+    out["sent_at"] = row[1].isoformat()
+    return out
+
+
+def table(records: list[tuple[Any, ...]]) -> str:
+    head = ("logged at (UTC)", "from", "to", "seq", "proto", "source", "destination", "bytes")
+    lines = [head]
+    for r in records:
+        proto = PROTOCOL_NAMES.get(r[10], str(r[10]))
+        src = _endpoint(r[6], r[7], r[5])
+        dst = _endpoint(r[8], r[9], r[5])
+        stamp = r[0].astimezone(UTC).strftime("%Y-%m-%d %H:%M:%S.%f")[:-3]
+        lines.append((stamp, r[2], r[3], str(r[4]), proto, src, dst, str(r[11])))
+    widths = [max(len(line[i]) for line in lines) for i in range(len(head))]
+    return "\n".join("  ".join(c.ljust(w) for c, w in zip(line, widths, strict=True)).rstrip()
+                     for line in lines)
+
+
+def _endpoint(addr: str, port: int | None, version: int) -> str:
+    if port is None:
+        return addr
+    return f"[{addr}]:{port}" if version == 6 else f"{addr}:{port}"
