@@ -93,6 +93,15 @@ class Metrics:
 
 
 @dataclass(frozen=True)
+class Retention:
+    """Off by default: deleting an audit log is the operator's decision."""
+
+    keep_days: int | None = None
+    max_bytes: int | None = None
+    every: float = 300.0
+
+
+@dataclass(frozen=True)
 class Config:
     peer: str
     database: Database
@@ -101,6 +110,7 @@ class Config:
     tun: Tun = field(default_factory=Tun)
     transport: Transport = field(default_factory=Transport)
     metrics: Metrics = field(default_factory=Metrics)
+    retention: Retention = field(default_factory=Retention)
 
     @property
     def me(self) -> Peer:
@@ -128,7 +138,8 @@ def load(path: str | os.PathLike[str]) -> Config:
 
 def parse(raw: dict[str, Any]) -> Config:
     """Validate a decoded TOML document; unknown keys are errors so typos do not pass silently."""
-    _known(raw, "", {"peer", "mode", "database", "tun", "transport", "metrics", "peers"})
+    _known(raw, "", {"peer", "mode", "database", "tun", "transport", "metrics", "peers",
+                     "retention"})
     peer = _str(raw, "", "peer", required=True)
     mode = _str(raw, "", "mode", default="logged")
     if mode not in MODES:
@@ -193,19 +204,40 @@ def parse(raw: dict[str, Any]) -> Config:
     metrics = Metrics(enabled=enabled, address=address,
                       port=_int(m_raw, "metrics.", "port", 9478, lo=1, hi=65535))
 
+    retention = parse_retention(_table(raw, "retention"))
     peers = _peers(raw)
     if peer not in {p.name for p in peers}:
         raise ConfigError(
             f"peer: {peer!r} is not among [[peers]] ({', '.join(p.name for p in peers)})"
         )
     config = Config(peer=peer, mode=mode, database=database, tun=tun, transport=transport,
-                    metrics=metrics, peers=peers)
+                    metrics=metrics, peers=peers, retention=retention)
     try:
         # every peer's prefixes, ours included: two peers must never claim the same prefix
         RouteTable((str(net), p.name) for p in peers for net in p.prefixes())
     except RoutingError as exc:
         raise ConfigError(f"peers: {exc}") from exc
     return config
+
+
+_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]?)B?\s*$", re.IGNORECASE)
+
+
+def parse_retention(raw: dict[str, Any]) -> Retention:
+    _known(raw, "retention.", {"keep_days", "max_size", "every"})
+    keep = raw.get("keep_days")
+    if keep is not None:
+        keep = _int(raw, "retention.", "keep_days", 0, lo=1, hi=36_500)
+    size = raw.get("max_size")
+    max_bytes = None
+    if size is not None:
+        match = _SIZE.match(str(size)) if isinstance(size, str | int) else None
+        if not match or isinstance(size, bool):
+            raise ConfigError(f"retention.max_size: {size!r} is not a size like \"50GB\"")
+        scale = 1024 ** " KMGT".index(match.group(2).upper() or " ")
+        max_bytes = int(float(match.group(1)) * scale)
+    every = _num(raw, "retention.", "every", 300.0, lo=10, hi=86_400)
+    return Retention(keep_days=keep, max_bytes=max_bytes, every=every)
 
 
 def _peers(raw: dict[str, Any]) -> tuple[Peer, ...]:

@@ -26,21 +26,27 @@ class AlreadyRunning(RuntimeError):
     """Another agent with the same peer name holds the link."""
 
 
-def connect(database: Database, application_name: str, synchronous_commit: bool = True) -> Conn:
-    """An autocommit session tuned for tail reads of the packet log.
+def connect_kwargs(database: Database, application_name: str,
+                   synchronous_commit: bool = True) -> dict[str, Any]:
+    """Arguments for psycopg.connect, shared by single connections and the housekeeping pool.
 
     Parallel workers turn every small indexed tail read into a 3x slower gather, so the agent
     switches them off for its own sessions whatever the server default is.
     """
-    conn = psycopg.connect(
-        database.dsn,
-        password=database.password(),
-        connect_timeout=max(1, round(database.connect_timeout)),
-        application_name=application_name,
-        autocommit=True,
-        options="-c max_parallel_workers_per_gather=0"
+    return {
+        "conninfo": database.dsn,
+        "password": database.password(),
+        "connect_timeout": max(1, round(database.connect_timeout)),
+        "application_name": application_name,
+        "autocommit": True,
+        "options": "-c max_parallel_workers_per_gather=0"
         + ("" if synchronous_commit else " -c synchronous_commit=off"),
-    )
+    }
+
+
+def connect(database: Database, application_name: str, synchronous_commit: bool = True) -> Conn:
+    """An autocommit session that knows the agent's binary array types."""
+    conn = psycopg.connect(**connect_kwargs(database, application_name, synchronous_commit))
     wire.register(conn)
     return conn
 

@@ -80,7 +80,7 @@ DECLARE
     created integer := 0;
 BEGIN
     PERFORM pg_advisory_xact_lock(hashtext('pgvpn.ensure_partitions'));
-    FOR i IN -1..days_ahead LOOP
+    FOR i IN 0..days_ahead LOOP
         d := today + i;
         part := 'packet_' || to_char(d, 'YYYYMMDD');
         CONTINUE WHEN to_regclass('pgvpn.' || part) IS NOT NULL;

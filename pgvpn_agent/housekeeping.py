@@ -1,0 +1,92 @@
+"""Database work that is not on any packet's path: partitions ahead of time, retention.
+
+It runs on its own small connection pool and thread pool, so a slow DROP or a reconnect here
+never stalls the sender or the receiver, and a failure costs one period, never a packet.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any
+
+import psycopg
+from psycopg_pool import ConnectionPool, PoolTimeout
+
+from pgvpn_agent import db, wire
+from pgvpn_agent.config import Config
+
+log = logging.getLogger(__name__)
+
+Job = Callable[[db.Conn], None]
+
+
+@dataclass
+class Periodic:
+    name: str
+    every: float
+    run: Job
+    due: float = 0.0
+    running: Future[None] | None = None
+
+
+def ensure_partitions(conn: db.Conn) -> None:
+    row = conn.execute("SELECT pgvpn.ensure_partitions()").fetchone()
+    if row and row[0]:
+        log.info("created %d packet partitions ahead of time", row[0])
+
+
+def retention(keep_days: int | None, max_bytes: int | None) -> Job:
+    def run(conn: db.Conn) -> None:
+        for part, day, size, reason in apply_retention(conn, keep_days, max_bytes):
+            log.info("retention: dropped %s (%s, %.1f MB) by %s", part, day, size / 1e6, reason)
+
+    return run
+
+
+def apply_retention(conn: db.Conn, keep_days: int | None,
+                    max_bytes: int | None) -> list[tuple[Any, ...]]:
+    return conn.execute("SELECT * FROM pgvpn.apply_retention(%s, %s)",
+                        (keep_days, max_bytes)).fetchall()
+
+
+class Housekeeping:
+    def __init__(self, config: Config, stop: threading.Event) -> None:
+        self.stop = stop
+        kwargs = db.connect_kwargs(config.database, f"pgvpn-{config.peer}-jobs")
+        conninfo = kwargs.pop("conninfo")
+        self.pool: ConnectionPool[db.Conn] = ConnectionPool(
+            conninfo, kwargs=kwargs, min_size=0, max_size=2, open=False, name="housekeeping",
+            configure=wire.register, timeout=config.database.connect_timeout)
+        self.workers = ThreadPoolExecutor(max_workers=2, thread_name_prefix="housekeeping")
+        self.jobs = [Periodic("partitions", 3600.0, ensure_partitions)]
+        r = config.retention
+        if r.keep_days is not None or r.max_bytes is not None:
+            self.jobs.append(Periodic("retention", r.every, retention(r.keep_days, r.max_bytes)))
+
+    def run(self) -> None:
+        self.pool.open()
+        try:
+            while not self.stop.is_set():
+                now = time.monotonic()
+                for job in self.jobs:
+                    if now >= job.due and (job.running is None or job.running.done()):
+                        job.running = self.workers.submit(self._run, job)
+                self.stop.wait(1.0)
+        finally:
+            self.workers.shutdown(wait=True, cancel_futures=True)
+            self.pool.close()
+
+    def _run(self, job: Periodic) -> None:
+        try:
+            with self.pool.connection() as conn:
+                job.run(conn)
+            job.due = time.monotonic() + job.every
+        except (psycopg.Error, PoolTimeout, OSError) as exc:
+            job.due = time.monotonic() + min(60.0, job.every)
+            log.warning("housekeeping: %s failed (%s); next try in %.0fs", job.name,
+                        db.describe(exc), job.due - time.monotonic())
