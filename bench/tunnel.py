@@ -109,13 +109,13 @@ def run(variants: tuple[Variant, ...], reps: int, seconds: float) -> list[Result
 def table(results: list[Result]) -> str:
     base = next((r for r in results if r.variant.name == BASELINE), None)
     base_median = base.stat("mbits")[1] if base else float("nan")
-    lines = ["| variant | Mbit/s min / median / max | × seed v2 | ping idle ms | "
+    lines = ["| variant | Mbit/s min / median / max | x seed v2 | ping idle ms | "
              "ping under load ms | rows |", "|---|---|---|---|---|---|"]
     for r in results:
         lo, med, hi = r.stat("mbits")
         lines.append(
             f"| {r.variant.name} | {lo:.1f} / **{med:.1f}** / {hi:.1f} | "
-            f"{med / base_median:.1f}× | {r.stat('rtt_idle_ms')[1]:.2f} | "
+            f"{med / base_median:.1f}x | {r.stat('rtt_idle_ms')[1]:.2f} | "
             f"{r.stat('rtt_load_ms')[1]:.1f} | {int(r.stat('rows')[1])} |")
     return "\n".join(lines)
 
