@@ -114,8 +114,13 @@ def configure(
 
 
 def _enable_ipv6(name: str) -> None:
+    """New links inherit net.ipv6.conf.default; only a host that disables IPv6 needs a write
+    (which a hardened unit, with /proc/sys read-only, cannot do)."""
     path = f"/proc/sys/net/ipv6/conf/{name}/disable_ipv6"
     try:
+        with open(path) as f:
+            if f.read().strip() == "0":
+                return
         with open(path, "w") as f:
             f.write("0")
     except OSError as exc:
