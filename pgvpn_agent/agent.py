@@ -8,9 +8,9 @@ import threading
 from collections.abc import Callable
 from types import FrameType
 
-from prometheus_client import start_http_server
-
+from pgvpn_agent import metrics
 from pgvpn_agent.config import Config
+from pgvpn_agent.housekeeping import Housekeeping
 from pgvpn_agent.receiver import Receiver
 from pgvpn_agent.sender import Sender
 from pgvpn_agent.tun import configure, open_tun
@@ -37,14 +37,15 @@ def run(config: Config) -> int:
             addresses=me.addresses,
             routes=[net for p in config.others for net in p.prefixes()],
         )
-        if config.metrics.enabled:
-            start_http_server(config.metrics.port, config.metrics.address)
+        metrics.start(config)
         _on_signals(lambda: stop.set())
         workers = [
             threading.Thread(target=_guard(Sender(config, tun, stop).run, stop, failed),
                              name="sender"),
             threading.Thread(target=_guard(Receiver(config, tun, stop).run, stop, failed),
                              name="receiver"),
+            threading.Thread(target=_guard(Housekeeping(config, stop).run, stop, failed),
+                             name="housekeeping"),
         ]
         for w in workers:
             w.start()

@@ -7,8 +7,10 @@ import json
 import logging
 import sys
 from pathlib import Path
+from typing import Any
 
 from pgvpn_agent import config as configuration
+from pgvpn_agent import logquery
 
 log = logging.getLogger("pgvpn")
 
@@ -25,7 +27,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     try:
         return int(args.func(args))
-    except (configuration.ConfigError, RuntimeError, OSError) as exc:
+    except (configuration.ConfigError, logquery.FilterError, RuntimeError, OSError) as exc:
         print(f"pgvpn: error: {exc}", file=sys.stderr)
         return 2
 
@@ -54,8 +56,54 @@ def _parser() -> argparse.ArgumentParser:
         src.add_argument("--config", type=Path, help="use [database] of this agent config")
         c.add_argument("--owner", help="role to own the pgvpn schema")
         c.set_defaults(func=_db_migrate)
+    ret = dbp.add_parser("retention", help="drop old log partitions now (by age and/or size)")
+    src = ret.add_mutually_exclusive_group(required=True)
+    src.add_argument("--dsn", help="libpq conninfo of an agent or the owner")
+    src.add_argument("--config", type=Path, help="use [database] and [retention] of this config")
+    ret.add_argument("--keep-days", type=int, help="drop days older than this")
+    ret.add_argument("--max-size", help="drop oldest days while the log is larger, e.g. 50GB")
+    ret.set_defaults(func=_db_retention)
+    dbm = dbp.add_parser("metrics", help="serve database-side Prometheus metrics (log size, "
+                         "disk, NOTIFY queue); run one, next to PostgreSQL")
+    src = dbm.add_mutually_exclusive_group(required=True)
+    src.add_argument("--dsn", help="libpq conninfo of a role with pg_monitor")
+    src.add_argument("--config", type=Path, help="use [database] of this agent config")
+    dbm.add_argument("--address", default="127.0.0.1")
+    dbm.add_argument("--port", type=int, default=9479)
+    dbm.set_defaults(func=_db_metrics)
+
+    st = sub.add_parser("status", help="summary of a running agent, read from its metrics")
+    where = st.add_mutually_exclusive_group()
+    where.add_argument("--url", help="the agent's metrics URL")
+    where.add_argument("--config", type=Path,
+                       help="the agent's config (default /etc/pgvpn/pgvpn.toml, if present)")
+    st.add_argument("--interval", type=float, default=1.0,
+                    help="seconds between the two scrapes rates come from; 0: since start")
+    st.add_argument("--json", action="store_true", help="machine-readable output")
+    st.set_defaults(func=_status)
 
     sub.add_parser("bench", help="benchmark the transport variants (see `pgvpn bench -h`)")
+
+    filters = argparse.ArgumentParser(add_help=False)
+    src = filters.add_mutually_exclusive_group(required=True)
+    src.add_argument("--dsn", help="libpq conninfo (an operator role: pgvpn_reader)")
+    src.add_argument("--config", type=Path, help="an agent's config: that peer's traffic only")
+    filters.add_argument("--peer", help="either end is this peer")
+    filters.add_argument("--src-peer")
+    filters.add_argument("--dst-peer")
+    filters.add_argument("--addr", help="either address is in this address or prefix")
+    filters.add_argument("--port", type=int, help="either port")
+    filters.add_argument("--proto", help="tcp, udp, icmp, icmpv6 or a number")
+    filters.add_argument("--since", help="10m, 2h, 1d ago, or an ISO timestamp")
+    filters.add_argument("--until", help="same forms as --since")
+    log_p = sub.add_parser("log", parents=[filters], help="query the packet log")
+    log_p.add_argument("--limit", type=int, default=100, help="rows (0: no limit)")
+    log_p.add_argument("--json", action="store_true", help="one JSON object per line")
+    log_p.set_defaults(func=_log)
+    pcap_p = sub.add_parser("pcap", parents=[filters], help="export packets as a pcap file")
+    pcap_p.add_argument("-o", "--output", default="-", help="file, or - for stdout")
+    pcap_p.add_argument("--limit", type=int, default=0, help="packets (0: no limit)")
+    pcap_p.set_defaults(func=_pcap)
 
     lab = sub.add_parser("lab", help="the tunnel on this machine, in network namespaces")
     labs = lab.add_subparsers(required=True)
@@ -117,6 +165,93 @@ def _db_migrate(args: argparse.Namespace) -> int:
         print(f"applied migrations {', '.join(map(str, applied))}; schema at {schema.LATEST}")
     else:
         print(f"schema already at version {schema.LATEST}")
+    return 0
+
+
+def _db_retention(args: argparse.Namespace) -> int:
+    from pgvpn_agent import db
+    from pgvpn_agent.housekeeping import apply_retention
+
+    if args.config:
+        cfg = configuration.load(args.config)
+        database, policy = cfg.database, cfg.retention
+    else:
+        database, policy = configuration.Database(dsn=args.dsn), configuration.Retention()
+    raw = {"keep_days": args.keep_days, "max_size": args.max_size}
+    override = configuration.parse_retention({k: v for k, v in raw.items() if v is not None})
+    keep = override.keep_days or policy.keep_days
+    max_bytes = override.max_bytes or policy.max_bytes
+    if keep is None and max_bytes is None:
+        raise configuration.ConfigError("retention: give --keep-days and/or --max-size")
+    with db.connect(database, "pgvpn-retention") as conn:
+        dropped = apply_retention(conn, keep, max_bytes)
+    for part, day, size, reason in dropped:
+        print(f"dropped {part} ({day}, {size / 1e6:.1f} MB) by {reason}")
+    if not dropped:
+        print("nothing to drop")
+    return 0
+
+
+def _db_metrics(args: argparse.Namespace) -> int:
+    from pgvpn_agent import metrics
+
+    database = (configuration.load(args.config).database if args.config
+                else configuration.Database(dsn=args.dsn))
+    return metrics.serve_database(database, args.address, args.port)
+
+
+def _status(args: argparse.Namespace) -> int:
+    from pgvpn_agent import status
+
+    print(status.run(status.locate(args.url, args.config), args.interval, args.json))
+    return 0
+
+
+def _filter(args: argparse.Namespace) -> logquery.Filter:
+    return logquery.Filter(
+        peer=args.peer, src_peer=args.src_peer, dst_peer=args.dst_peer,
+        addr=logquery.check_addr(args.addr) if args.addr else None, port=args.port,
+        protocol=logquery.parse_protocol(args.proto) if args.proto else None,
+        since=logquery.parse_time(args.since, "--since") if args.since else None,
+        until=logquery.parse_time(args.until, "--until") if args.until else None,
+        limit=args.limit or None)
+
+
+def _log_conn(args: argparse.Namespace) -> Any:
+    from pgvpn_agent import db
+
+    database = (configuration.load(args.config).database if args.config
+                else configuration.Database(dsn=args.dsn))
+    return db.connect(database, "pgvpn-log")
+
+
+def _log(args: argparse.Namespace) -> int:
+    f = _filter(args)
+    with _log_conn(args) as conn:
+        records = list(logquery.rows(conn, f))
+    if args.json:
+        for r in records:
+            print(json.dumps(logquery.as_dict(r)))
+    else:
+        print(logquery.table(records))
+    return 0
+
+
+def _pcap(args: argparse.Namespace) -> int:
+    from pgvpn_agent.pcap import PcapWriter
+
+    f = _filter(args)
+    out = sys.stdout.buffer if args.output == "-" else open(args.output, "wb")  # noqa: SIM115
+    try:
+        writer = PcapWriter(out)
+        with _log_conn(args) as conn:
+            for r in logquery.rows(conn, f, payload=True):
+                writer.write(r[1], bytes(r[-1]))
+    finally:
+        if out is not sys.stdout.buffer:
+            out.close()
+    if args.output != "-":
+        print(f"{writer.count} packets written to {args.output}", file=sys.stderr)
     return 0
 
 

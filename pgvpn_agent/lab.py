@@ -8,16 +8,22 @@ separate processes; the tests and the benchmark drive the same class.
 
 from __future__ import annotations
 
+import fcntl
+import ipaddress
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
 import sys
 import time
+import urllib.request
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
+
+from prometheus_client.parser import text_string_to_metric_families
 
 DEFAULT_DIR = Path(os.environ.get("PGVPN_LAB_DIR", "/run/pgvpn-lab"))
 PG_BIN_CANDIDATES = ("/usr/lib/postgresql/17/bin", "/usr/lib/postgresql/16/bin",
@@ -32,6 +38,14 @@ PG_SETTINGS = {
     "fsync": "on",
     "logging_collector": "off",
 }
+# Management links (root namespace <-> each peer's namespace) carry the agents' metrics, so that
+# a Prometheus in the root namespace can scrape them. Each lab takes a free /23 of link-local
+# space: a /31 per peer, root side even, namespace side odd.
+MGMT_SPACE = ipaddress.ip_network("169.254.0.0/16")
+MGMT_FIRST_OCTET = 76
+MGMT_IF = "mgmt0"
+MGMT_LOCK = "/run/pgvpn-lab-mgmt.lock"
+METRICS_PORT = 9478
 
 
 class LabError(RuntimeError):
@@ -48,6 +62,13 @@ class LabPeer:
     config: str
     log: str
     pid: int = 0
+    mgmt_if: str = ""
+    mgmt_host: str = ""
+    metrics_host: str = ""
+
+    @property
+    def metrics_url(self) -> str:
+        return f"http://{self.metrics_host}:{METRICS_PORT}/metrics" if self.metrics_host else ""
 
 
 @dataclass
@@ -115,15 +136,13 @@ class Lab:
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.save()
         try:
+            self.add_namespaces()
             self.start_postgres(init=True)
             self.init_database()
             for peer in self.peers:
                 self.write_config(peer)
-            for peer in self.peers:
-                _run(["ip", "netns", "add", peer.netns])
-                _run(["ip", "-n", peer.netns, "link", "set", "lo", "up"])
-                if agents:
-                    self.start_agent(peer)
+            for peer in self.peers if agents else []:
+                self.start_agent(peer)
             self.save()
             if agents:
                 self.wait_mesh(timeout)
@@ -141,6 +160,8 @@ class Lab:
                                       text=True).stdout.split())
         for peer in self.peers:
             if peer.netns in existing:
+                # the management veth goes first: from inside, it can only be this lab's
+                _run(["ip", "-n", peer.netns, "link", "del", MGMT_IF], check=False)
                 _run(["ip", "netns", "del", peer.netns], check=False)
         shutil.rmtree(self.workdir, ignore_errors=True)
 
@@ -165,7 +186,8 @@ class Lab:
             "mode": self.mode,
             "peers": [{"name": p.name, "netns": p.netns, "ipv4": p.ipv4, "ipv6": p.ipv6,
                        "tun": p.tun, "pid": p.pid, "running": _alive(p.pid),
-                       "dsn": self.dsn(_role(p.name)), "log": p.log} for p in self.peers],
+                       "dsn": self.dsn(_role(p.name)), "log": p.log,
+                       "metrics_url": p.metrics_url} for p in self.peers],
         }
 
     # -- PostgreSQL ----------------------------------------------------------------------------
@@ -226,11 +248,36 @@ class Lab:
                  f'dsn = "{self.dsn(_role(peer.name))}"', "", "[tun]", f'name = "{peer.tun}"',
                  f"mtu = {self.mtu}", "", "[transport]"]
         lines += [f"{k} = {json.dumps(v)}" for k, v in self.transport.items()]
-        lines += ["", "[metrics]", "enabled = true", 'address = "127.0.0.1"', ""]
+        lines += ["", "[metrics]", "enabled = true", f'address = "{peer.metrics_host}"',
+                  f"port = {METRICS_PORT}", ""]
         for p in self.peers:
             lines += ["[[peers]]", f'name = "{p.name}"',
                       f'addresses = ["{p.ipv4}/16", "{p.ipv6}/64"]', ""]
         Path(peer.config).write_text("\n".join(lines))
+
+    def add_namespaces(self) -> None:
+        """Each peer's namespace, and a management veth pair into it from the root namespace
+        for its metrics endpoint; labs starting side by side take turns to pick addresses."""
+        with open(MGMT_LOCK, "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            block = _free_mgmt_block()
+            tag = block.network_address.packed[2]
+            for i, peer in enumerate(self.peers):
+                host = block.network_address + 2 * i
+                peer.mgmt_if = f"pgvm{tag}-{i + 1}"
+                peer.mgmt_host, peer.metrics_host = str(host), str(host + 1)
+                _run(["ip", "netns", "add", peer.netns])
+                _run(["ip", "-n", peer.netns, "link", "set", "lo", "up"])
+                self.add_mgmt_link(peer)
+        self.save()
+
+    def add_mgmt_link(self, peer: LabPeer) -> None:
+        _run(["ip", "link", "add", peer.mgmt_if, "type", "veth", "peer", "name", MGMT_IF,
+              "netns", peer.netns])
+        _run(["ip", "addr", "add", f"{peer.mgmt_host}/31", "dev", peer.mgmt_if])
+        _run(["ip", "link", "set", peer.mgmt_if, "up"])
+        _run(["ip", "-n", peer.netns, "addr", "add", f"{peer.metrics_host}/31", "dev", MGMT_IF])
+        _run(["ip", "-n", peer.netns, "link", "set", MGMT_IF, "up"])
 
     def start_agent(self, peer: LabPeer) -> None:
         log = open(peer.log, "ab")  # noqa: SIM115 - handed to the child
@@ -290,14 +337,16 @@ class Lab:
 
     def agent_metrics(self, peer: LabPeer) -> dict[str, float]:
         """The agent's Prometheus samples, keyed by sample name with labels."""
-        out = self.exec(peer, [sys.executable, "-c", _SCRAPE], timeout=10)
-        if out.returncode != 0:
-            raise LabError(f"cannot scrape metrics of {peer.name}: {out.stderr.strip()}")
+        try:
+            with urllib.request.urlopen(peer.metrics_url, timeout=5) as response:
+                text = response.read().decode()
+        except (OSError, ValueError) as exc:
+            raise LabError(f"cannot scrape metrics of {peer.name}: {exc}") from exc
         samples: dict[str, float] = {}
-        for line in out.stdout.splitlines():
-            if line and not line.startswith("#"):
-                key, _, value = line.rpartition(" ")
-                samples[key] = float(value)
+        for family in text_string_to_metric_families(text):
+            for s in family.samples:
+                labels = ",".join(f'{k}="{v}"' for k, v in s.labels.items())
+                samples[f"{s.name}{{{labels}}}" if labels else s.name] = s.value
         return samples
 
     def wait_mesh(self, timeout: float) -> None:
@@ -316,12 +365,24 @@ class Lab:
                                f"{timeout:.0f}s; agent log {a.log}:\n" + _tail(a.log))
 
 
-_SCRAPE = ("import urllib.request; print(urllib.request.urlopen("
-           "'http://127.0.0.1:9478/metrics', timeout=5).read().decode())")
-
-
 def _role(peer: str) -> str:
     return "pgvpn_" + peer.replace("-", "_").replace(".", "_").lower()
+
+
+def _free_mgmt_block() -> ipaddress.IPv4Network:
+    """The first /23 of MGMT_SPACE that no address or interface name in the root namespace
+    uses."""
+    addrs = subprocess.run(["ip", "-4", "-o", "addr", "show"], capture_output=True,
+                           text=True).stdout
+    links = subprocess.run(["ip", "-o", "link", "show"], capture_output=True, text=True).stdout
+    used = {ipaddress.ip_address(a) for a in re.findall(r"inet ([0-9.]+)/", addrs)}
+    names = set(re.findall(r"^\d+: (pgvm\d+)-", links, re.MULTILINE))
+    for third in range(MGMT_FIRST_OCTET, 256, 2):
+        block = ipaddress.IPv4Network(f"169.254.{third}.0/23")
+        # 169.254.169.254 is the cloud metadata address: never shadow it
+        if third != 168 and f"pgvm{third}" not in names and not any(a in block for a in used):
+            return block
+    raise LabError(f"no free /23 left in {MGMT_SPACE} for the management links")
 
 
 def _pg_bin() -> str:

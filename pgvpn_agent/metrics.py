@@ -1,28 +1,276 @@
-"""Prometheus metrics, defined once; updated per batch, never per packet (the hot path)."""
+"""Prometheus metrics, defined once; updated per batch, never per packet (the hot path).
+
+Two exporters share these definitions: the agent (`pgvpn run`, the module-level metrics below,
+served on `[metrics] address:port`) and the database-side collector (`pgvpn db metrics`, one
+process next to PostgreSQL, for what no single agent can see: the log's size, the disk under it,
+the notification queue).
+"""
 
 from __future__ import annotations
 
-from prometheus_client import Counter, Gauge, Histogram
+import bisect
+import logging
+import math
+import os
+import platform
+import signal
+import threading
+from collections.abc import Iterable, Iterator
+from importlib import metadata
 
-_LATENCY_BUCKETS = (0.0002, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1, 2.5,
-                    5, 10)
+import psycopg
+from prometheus_client import (
+    REGISTRY,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    disable_created_metrics,
+    start_http_server,
+)
+from prometheus_client.core import GaugeMetricFamily, HistogramMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+from pgvpn_agent import db
+from pgvpn_agent.config import Config, Database
+
+log = logging.getLogger(__name__)
+
+# `_created` series double the series count and no dashboard or alert reads them.
+disable_created_metrics()  # type: ignore[no-untyped-call]
+
+# Commits take ~1-5 ms with a WAL flush; a fetch or an in-memory commit well under 1 ms; an
+# outage holds packets for seconds.
+_LATENCY_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1,
+                    0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+# Delivery also covers packets that waited out an outage, up to transport.max_age (30 s).
+_DELIVERY_BUCKETS = (*_LATENCY_BUCKETS, 30.0)
+DROP_REASONS = ("no_route", "malformed", "queue_full", "too_old", "db_error", "tun_write")
+DIRECTIONS = ("tx", "rx")
+CAUSES = ("notify", "poll")
+
+
+class BatchHistogram(Collector):
+    """A histogram that takes a whole batch of observations under one lock.
+
+    prometheus_client's Histogram takes a lock per observation; the receiver measures the
+    latency of every packet it delivers, so it hands over one sorted list per batch instead.
+    """
+
+    def __init__(self, name: str, documentation: str, buckets: Iterable[float],
+                 registry: CollectorRegistry | None = REGISTRY) -> None:
+        self.name = name
+        self.documentation = documentation
+        self.bounds = sorted(float(b) for b in buckets)
+        self._cumulative = [0] * len(self.bounds)
+        self._count = 0
+        self._sum = 0.0
+        self._lock = threading.Lock()
+        if registry is not None:
+            registry.register(self)
+
+    def observe_batch(self, values: list[float]) -> None:
+        """Add values (sorted here, in place); negative values count as 0 (clock skew)."""
+        if not values:
+            return
+        values.sort()
+        cumulative = [bisect.bisect_right(values, b) for b in self.bounds]
+        total = math.fsum(values[bisect.bisect_left(values, 0.0):])
+        with self._lock:
+            for i, n in enumerate(cumulative):
+                self._cumulative[i] += n
+            self._count += len(values)
+            self._sum += total
+
+    def describe(self) -> Iterable[Metric]:
+        return [HistogramMetricFamily(self.name, self.documentation)]
+
+    def collect(self) -> Iterable[Metric]:
+        with self._lock:
+            cumulative = list(self._cumulative)
+            count, total = self._count, self._sum
+        buckets: list[tuple[str, float]] = [
+            (str(b), float(n)) for b, n in zip(self.bounds, cumulative, strict=True)
+        ]
+        buckets.append(("+Inf", float(count)))
+        yield HistogramMetricFamily(self.name, self.documentation, buckets=buckets,
+                                    sum_value=total)
+
+
+BUILD_INFO = Gauge("pgvpn_build_info", "Always 1; the agent's version and Python version.",
+                   ["version", "python"])
+AGENT_INFO = Gauge("pgvpn_agent_info", "Always 1; this agent's peer name and transport mode.",
+                   ["peer", "mode"])
 
 PACKETS = Counter("pgvpn_packets", "IP packets carried, by direction (tx: TUN to database, "
                   "rx: database to TUN) and remote peer.", ["direction", "peer"])
-BYTES = Counter("pgvpn_bytes", "IP packet bytes carried, by direction and remote peer.",
-                ["direction", "peer"])
-DROPPED = Counter("pgvpn_packets_dropped", "Packets not carried, by reason: no_route, malformed, "
-                  "queue_full, too_old, tun_write.", ["reason"])
-BATCHES = Counter("pgvpn_insert_batches", "Transactions that logged a batch of packets.")
-BATCH_SIZE = Histogram("pgvpn_batch_size_packets", "Packets per insert transaction.",
-                       buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024))
-INSERT_SECONDS = Histogram("pgvpn_insert_duration_seconds", "Wall time of one batch insert "
-                           "including commit.", buckets=_LATENCY_BUCKETS)
+BYTES = Counter("pgvpn_bytes", "IP packet bytes carried (IP header included), by direction "
+                "and remote peer.", ["direction", "peer"])
+LAST_PACKET = Gauge("pgvpn_last_packet_timestamp_seconds", "Unix time (agent clock) of the "
+                    "last batch that carried packets to (tx) or from (rx) the remote peer.",
+                    ["direction", "peer"])
+DROPPED = Counter("pgvpn_packets_dropped", "Packets not carried, by reason: no_route (no peer "
+                  "owns the destination), malformed, queue_full (oldest dropped while the "
+                  "database was away), too_old (logged but older than transport.max_age), "
+                  "db_error (batch refused by the database), tun_write (TUN refused it).",
+                  ["reason"])
+
+BATCHES = Counter("pgvpn_insert_batches", "Sender transactions that logged a batch of packets "
+                  "(payload mode: that notified one).")
+ROWS = Counter("pgvpn_rows_inserted", "Rows inserted into pgvpn.packet (0 in payload mode).")
+BATCH_SIZE = Histogram("pgvpn_insert_batch_size_packets", "Packets per sender transaction.",
+                       buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 4096))
+INSERT_SECONDS = Histogram("pgvpn_insert_duration_seconds", "Wall time of one batch "
+                           "transaction, insert and commit (WAL flush) included.",
+                           buckets=_LATENCY_BUCKETS)
+QUEUE_DEPTH = Gauge("pgvpn_queue_depth_packets", "Packets read from TUN waiting to be logged.")
+
 FETCH_SECONDS = Histogram("pgvpn_fetch_duration_seconds", "Wall time of one fetch of new rows "
-                          "for this peer.", buckets=_LATENCY_BUCKETS)
-WAKEUPS = Counter("pgvpn_wakeups", "Receiver wake-ups, by cause: notify or poll.", ["cause"])
+                          "for this peer (one query over every incoming link).",
+                          buckets=_LATENCY_BUCKETS)
+DELIVERY_SECONDS = BatchHistogram(
+    "pgvpn_delivery_latency_seconds", "Per packet, from capture on the sender's TUN to the "
+    "write to this receiver's TUN. Two clocks: the sender's wall clock (the row's sent_at) and "
+    "this host's wall clock at the end of the batch's writes; skew between them adds to or "
+    "subtracts from it (negative values count as 0).", _DELIVERY_BUCKETS)
+WAKEUPS = Counter("pgvpn_receiver_wakeups", "Receiver wake-ups, by cause: notify (a "
+                  "notification arrived) or poll (transport.poll_interval passed without one).",
+                  ["cause"])
+LAG_PACKETS = Gauge("pgvpn_cursor_lag_packets", "Packets logged on the link from the peer to "
+                    "this agent but not yet delivered (link.tx_seq minus the receiver's cursor), "
+                    "sampled every few seconds.", ["peer"])
+LAG_SECONDS = Gauge("pgvpn_cursor_lag_seconds", "Age of the oldest packet logged on the link "
+                    "from the peer but not yet delivered, by the database clock (now minus its "
+                    "logged_at); 0 when caught up. Sampled every few seconds.", ["peer"])
+
 RECONNECTS = Counter("pgvpn_db_reconnects", "Database connections re-established after a loss, "
-                     "by direction.", ["direction"])
+                     "by direction (tx: sender, rx: receiver).", ["direction"])
 DB_UP = Gauge("pgvpn_db_up", "1 while the direction's database connection is usable.",
               ["direction"])
-QUEUE_DEPTH = Gauge("pgvpn_queue_depth_packets", "Packets read from TUN waiting to be logged.")
+
+
+def start(config: Config) -> None:
+    """Publish the agent's identity, give every bounded label its series, serve if enabled.
+
+    Series that exist from the start (at 0) make rate() and the alerts work before the first
+    drop or reconnect ever happens.
+    """
+    BUILD_INFO.labels(_version(), platform.python_version()).set(1)
+    AGENT_INFO.labels(config.peer, config.mode).set(1)
+    for direction in DIRECTIONS:
+        RECONNECTS.labels(direction)
+        DB_UP.labels(direction)
+        for peer in config.others:
+            PACKETS.labels(direction, peer.name)
+            BYTES.labels(direction, peer.name)
+    for reason in DROP_REASONS:
+        DROPPED.labels(reason)
+    for cause in CAUSES:
+        WAKEUPS.labels(cause)
+    if config.metrics.enabled:
+        start_http_server(config.metrics.port, config.metrics.address)
+
+
+def _version() -> str:
+    try:
+        return metadata.version("pgvpn-agent")
+    except metadata.PackageNotFoundError:
+        return "unknown"
+
+
+# -- the database side -------------------------------------------------------------------------
+
+_PARTITIONS = """
+SELECT c.relname, coalesce(s.n_live_tup, 0), pg_total_relation_size(c.oid)
+FROM pg_inherits i
+JOIN pg_class c ON c.oid = i.inhrelid
+LEFT JOIN pg_stat_user_tables s ON s.relid = c.oid
+WHERE i.inhparent = (SELECT t.oid FROM pg_class t JOIN pg_namespace n ON n.oid = t.relnamespace
+                     WHERE n.nspname = 'pgvpn' AND t.relname = 'packet')
+"""
+_DATABASE = "SELECT pg_database_size(current_database()), pg_notification_queue_usage()"
+# Both need pg_monitor (or superuser); without it the collector leaves those metrics out.
+_WAL = "SELECT coalesce(sum(size), 0) FROM pg_ls_waldir()"
+_DATA_DIRECTORY = "SELECT current_setting('data_directory')"
+
+
+class DatabaseCollector(Collector):
+    """Database-wide numbers, queried at scrape time over a fresh short connection.
+
+    Catalog and statistics reads only: row counts are the statistics' live-tuple estimates (an
+    exact count(*) of a day of packets would cost more than the scrape is worth).
+    """
+
+    def __init__(self, database: Database, timeout: float = 5.0) -> None:
+        self.database = database
+        self.timeout = timeout
+
+    def collect(self) -> Iterator[Metric]:
+        up = GaugeMetricFamily("pgvpn_database_up", "1 if the last scrape could query the "
+                               "pgvpn database.")
+        families: list[Metric] = []
+        try:
+            with db.connect(self.database, "pgvpn-metrics") as conn:
+                conn.execute(f"SET statement_timeout = {int(self.timeout * 1000)}")
+                families = list(self._query(conn))
+        except psycopg.Error as exc:
+            log.warning("database metrics: %s", db.describe(exc))
+            up.add_metric([], 0)
+        else:
+            up.add_metric([], 1)
+        yield from families
+        yield up
+
+    def _query(self, conn: db.Conn) -> Iterator[Metric]:
+        rows = GaugeMetricFamily("pgvpn_log_partition_rows", "Rows in each partition of "
+                                 "pgvpn.packet (live-tuple estimate of the statistics).",
+                                 labels=["partition"])
+        size = GaugeMetricFamily("pgvpn_log_partition_size_bytes", "Disk size of each partition "
+                                 "of pgvpn.packet, indexes and TOAST included.",
+                                 labels=["partition"])
+        for name, n, nbytes in conn.execute(_PARTITIONS):
+            rows.add_metric([str(name)], float(n))
+            size.add_metric([str(name)], float(nbytes))
+        yield rows
+        yield size
+        row = conn.execute(_DATABASE).fetchone()
+        assert row is not None
+        yield GaugeMetricFamily("pgvpn_database_size_bytes", "Disk size of the pgvpn database.",
+                                value=float(row[0]))
+        yield GaugeMetricFamily("pgvpn_notification_queue_usage_ratio", "Fraction of the "
+                                "cluster's NOTIFY queue in use (pg_notification_queue_usage()); "
+                                "at 1 every NOTIFY fails.",
+                                value=float(row[1]))
+        try:
+            wal = conn.execute(_WAL).fetchone()
+            datadir = conn.execute(_DATA_DIRECTORY).fetchone()
+        except psycopg.errors.InsufficientPrivilege:
+            return
+        assert wal is not None and datadir is not None
+        yield GaugeMetricFamily("pgvpn_wal_size_bytes", "Size of the WAL directory (pg_wal).",
+                                value=float(wal[0]))
+        try:
+            fs = os.statvfs(str(datadir[0]))
+        except OSError:
+            return  # the database runs on another host: its disk is not ours to see
+        yield GaugeMetricFamily("pgvpn_database_filesystem_avail_bytes", "Bytes available to "
+                                "PostgreSQL on the filesystem of its data directory.",
+                                value=float(fs.f_bavail * fs.f_frsize))
+        yield GaugeMetricFamily("pgvpn_database_filesystem_size_bytes", "Size of the "
+                                "filesystem of PostgreSQL's data directory.",
+                                value=float(fs.f_blocks * fs.f_frsize))
+
+
+def serve_database(database: Database, address: str, port: int) -> int:
+    """`pgvpn db metrics`: serve DatabaseCollector until SIGTERM/SIGINT."""
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(DatabaseCollector(database))
+    server, _ = start_http_server(port, address, registry=registry)
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.set())
+    log.info("database metrics on http://%s:%d/metrics", address, port)
+    while not stop.wait(1.0):
+        pass
+    server.shutdown()
+    return 0

@@ -37,6 +37,19 @@ UPDATE pgvpn.cursor l SET rx_seq = v.last, rx_at = statement_timestamp()
 FROM unnest(%b::smallint[], %b::bigint[]) AS v (src, last)
 WHERE l.dst = %b AND l.src = v.src AND l.rx_seq < v.last
 """
+# Per incoming link: packets logged but not delivered, and the age of the oldest of them by the
+# database clock (one index probe per partition, only for links that lag).
+LAG = """
+SELECT l.src, greatest(l.tx_seq - c.rx, 0),
+       coalesce(extract(epoch FROM statement_timestamp() - p.logged_at)::float8, 0)
+FROM unnest(%s::smallint[], %s::bigint[]) AS c (src, rx)
+JOIN pgvpn.link l ON l.src = c.src AND l.dst = %s
+LEFT JOIN LATERAL (
+    SELECT logged_at FROM pgvpn.packet
+    WHERE dst_peer = l.dst AND src_peer = l.src AND seq = c.rx + 1 LIMIT 1
+) AS p ON l.tx_seq > c.rx
+"""
+LAG_EVERY = 2.0
 
 
 class Receiver:
@@ -51,6 +64,7 @@ class Receiver:
         self.cursor: dict[int, int] = {}
         self.connected_once = False
         self.channel = "pgvpn_" + config.peer
+        self.lag_at = 0.0
 
     def run(self) -> None:
         wait = min(self.config.transport.poll_interval, 1.0)
@@ -68,6 +82,7 @@ class Receiver:
                     else:
                         self._wait(wait)
                         self._fetch_all()
+                        self._sample_lag()
                 except psycopg.Error as exc:
                     self._lost(exc)
         finally:
@@ -102,6 +117,7 @@ class Receiver:
             now = time.time()
             last: dict[int, int] = {}
             per_link: dict[int, list[int]] = {}
+            delivered: list[float] = []
             stale = refused = 0
             for src, seq, sent_at, payload in rows:
                 last[src] = seq
@@ -111,12 +127,14 @@ class Receiver:
                 if not write(payload):
                     refused += 1
                     continue
+                delivered.append(sent_at)
                 c = per_link.get(src)
                 if c is None:
                     per_link[src] = [1, len(payload)]
                 else:
                     c[0] += 1
                     c[1] += len(payload)
+            done = time.time()
             # What reached the TUN is delivered, whether or not the save below gets through.
             self.cursor.update(last)
             self.conn.execute(SAVE_CURSORS, (list(last), list(last.values()), self.me),
@@ -128,14 +146,18 @@ class Receiver:
             for src, (n, size) in per_link.items():
                 metrics.PACKETS.labels("rx", self.names[src]).inc(n)
                 metrics.BYTES.labels("rx", self.names[src]).inc(size)
+                metrics.LAST_PACKET.labels("rx", self.names[src]).set(done)
+            metrics.DELIVERY_SECONDS.observe_batch([done - t for t in delivered])
             if len(rows) < limit:
                 return
+            self._sample_lag()  # still behind: the backlog between two pages is the lag
 
     def _deliver_payloads(self, timeout: float) -> None:
         """Payload mode: the notification is the packet."""
         assert self.conn is not None
         max_age = self.config.transport.max_age
         n = size = stale = bad = 0
+        delivered: list[float] = []  # ages at the write: notifications arrive one by one
         for note in self.conn.notifies(timeout=timeout):
             stamp, _, data = note.payload.partition(" ")
             try:
@@ -144,11 +166,13 @@ class Receiver:
             except (ValueError, binascii.Error):
                 bad += 1
                 continue
-            if time.time() - sent_at > max_age:
+            age = time.time() - sent_at
+            if age > max_age:
                 stale += 1
             elif self.tun.write(packet):
                 n += 1
                 size += len(packet)
+                delivered.append(age)
             if self.stop.is_set():
                 break
             if n and n % 64 == 0:
@@ -160,6 +184,21 @@ class Receiver:
         if n:
             metrics.PACKETS.labels("rx", "any").inc(n)
             metrics.BYTES.labels("rx", "any").inc(size)
+            metrics.LAST_PACKET.labels("rx", "any").set(time.time())
+            metrics.DELIVERY_SECONDS.observe_batch(delivered)
+
+    def _sample_lag(self) -> None:
+        """Every incoming link's backlog after a fetch: one small query every LAG_EVERY s."""
+        assert self.conn is not None
+        if time.monotonic() < self.lag_at:
+            return
+        self.lag_at = time.monotonic() + LAG_EVERY
+        links = sorted(self.cursor)
+        rows = self.conn.execute(LAG, (links, [self.cursor[s] for s in links], self.me),
+                                 prepare=True)
+        for src, packets, seconds in rows:
+            metrics.LAG_PACKETS.labels(self.names[src]).set(packets)
+            metrics.LAG_SECONDS.labels(self.names[src]).set(seconds)
 
     def _connect(self) -> None:
         cfg = self.config

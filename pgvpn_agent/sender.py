@@ -26,7 +26,6 @@ log = logging.getLogger(__name__)
 
 SEND_BATCH = "SELECT pgvpn.send_batch(%b::int2, " + ", ".join(["%b"] * 16) + ")"
 NOTIFY_PAYLOADS = "SELECT pg_notify(c, m) FROM unnest(%b::text[], %b::text[]) AS t (c, m)"
-PARTITION_EVERY = 3600.0
 
 # One queued packet: capture time (sender clock) and the raw bytes.
 Captured = tuple[float, bytes]
@@ -45,7 +44,6 @@ class Sender:
         self.ids: dict[str, int] = {}
         self.names: dict[int, str] = {}
         self.tx_seq: dict[int, int] = {}
-        self.partitions_at = 0.0
         self.connected_once = False
         self.notify = config.mode == "logged"
         self._send = self._send_payloads if config.mode == "payload" else self._send_rows
@@ -66,7 +64,6 @@ class Sender:
                     self._drain()
                 if self.conn is not None:
                     self._flush()
-                    self._maintain()
         finally:
             if self.conn is not None:
                 self.conn.close()
@@ -195,6 +192,7 @@ class Sender:
         metrics.INSERT_SECONDS.observe(time.perf_counter() - started)
         for d in links:
             self.tx_seq[d] = next_seq[d]
+        metrics.ROWS.inc(len(r_dst))
         self._count(counts, len(r_dst))
 
     def _send_payloads(self, batch: list[Captured]) -> None:
@@ -234,10 +232,12 @@ class Sender:
     def _count(self, counts: dict[int, list[int]], rows: int) -> None:
         metrics.BATCHES.inc()
         metrics.BATCH_SIZE.observe(rows)
+        now = time.time()
         for dst, (n, size) in counts.items():
             peer = self.names[dst]
             metrics.PACKETS.labels("tx", peer).inc(n)
             metrics.BYTES.labels("tx", peer).inc(size)
+            metrics.LAST_PACKET.labels("tx", peer).set(now)
 
     def _connect(self) -> None:
         cfg = self.config
@@ -274,8 +274,6 @@ class Sender:
         self.connected_once = True
         self.backoff.succeeded()
         metrics.DB_UP.labels("tx").set(1)
-        self.partitions_at = 0.0
-        self._maintain()
 
     def _committed(self, committed: dict[int, int]) -> bool:
         """Did the batch whose commit we never heard back about actually commit?"""
@@ -288,16 +286,6 @@ class Sender:
                 dst = self.ids[peer]
                 return committed.get(dst, 0) > self.tx_seq.get(dst, 0)
         return False
-
-    def _maintain(self) -> None:
-        if self.conn is None or time.monotonic() < self.partitions_at:
-            return
-        try:
-            self.conn.execute("SELECT pgvpn.ensure_partitions()")
-        except psycopg.Error as exc:
-            if not self._lost(exc):
-                log.error("sender: partition maintenance failed: %s", db.describe(exc))
-        self.partitions_at = time.monotonic() + PARTITION_EVERY
 
     def _lost(self, exc: psycopg.Error) -> bool:
         """Drop a broken connection (True); errors on a live one are the caller's (False)."""

