@@ -59,13 +59,18 @@ def sender(cfg: config.Config, stop: threading.Event) -> Sender:
     return s
 
 
+def receiver(cfg: config.Config, stop: threading.Event) -> tuple[Receiver, ListTun]:
+    tun = ListTun()
+    rx = Receiver(cfg, tun, stop)  # type: ignore[arg-type]
+    rx._connect()
+    return rx, tun
+
+
 def test_late_commit_on_another_link_is_not_skipped(peers):
     lab, cfg, stop = peers
     p1, p2, p3 = lab.peers
     s1, s3 = sender(cfg["peer1"], stop), sender(cfg["peer3"], stop)
-    tun = ListTun()
-    rx = Receiver(cfg["peer2"], tun, stop)  # type: ignore[arg-type]
-    rx._connect()
+    rx, tun = receiver(cfg["peer2"], stop)
 
     # peer1 -> peer2 starts first and holds its transaction open ...
     s1.conn.autocommit = False
@@ -123,9 +128,7 @@ def test_many_concurrent_links_deliver_everything_in_order(peers):
     lab, cfg, stop = peers
     p1, p2, p3 = lab.peers
     s1, s3 = sender(cfg["peer1"], stop), sender(cfg["peer3"], stop)
-    tun = ListTun()
-    rx = Receiver(cfg["peer2"], tun, stop)  # type: ignore[arg-type]
-    rx._connect()
+    rx, tun = receiver(cfg["peer2"], stop)
 
     def pump(s: Sender, src: str, base: int) -> None:
         for batch in range(40):

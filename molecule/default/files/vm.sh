@@ -22,6 +22,7 @@
 set -euo pipefail
 
 self=$(readlink -f "$0")
+lab_sh=$(dirname "$self")/../../../roles/pgvpn_lab/files/lab.sh
 bridge=br0
 
 # "PID STARTTIME" of the molecule process running this playbook (else of ansible-playbook):
@@ -165,24 +166,8 @@ up() {
     if keeper=$(pid_of "$state/keeper.pid" "vm.sh keeper"); then
         return 0
     fi
-    install -d -m 0700 "$state"
-    if [ ! -f "$state/id_ed25519" ]; then
-        ssh-keygen -q -t ed25519 -N '' -C pgvpn-molecule-vm -f "$state/id_ed25519"
-    fi
-    if ! netns_exists "$netns"; then
-        ip netns add "$netns"
-        ip -n "$netns" link set lo up
-        ip -n "$netns" link add "$bridge" type bridge
-        ip -n "$netns" link set "$bridge" up
-        echo "changed: network namespace $netns"
-    fi
-    if ! ip link show "$host_if" >/dev/null 2>&1; then
-        ip link add "$host_if" type veth peer name vb-host netns "$netns"
-        ip -n "$netns" link set vb-host master "$bridge" up
-        ip addr add "$host_cidr" dev "$host_if"
-        ip link set "$host_if" up
-        echo "changed: host link $host_if $host_cidr"
-    fi
+    # State directory, SSH key, namespace with its bridge, host link: as for the nspawn lab.
+    sh "$lab_sh" prepare "$netns" "$bridge" "$host_if" "$host_cidr" "$state" pgvpn-molecule-vm
     # qemu creates each tap (gone when qemu exits) and runs this to put it on the bridge.
     printf '#!/bin/sh\nexec ip link set "$1" master %s up\n' "$bridge" >"$state/tap-up"
     chmod 0755 "$state/tap-up"
