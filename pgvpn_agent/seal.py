@@ -1,0 +1,140 @@
+"""Payload encryption at rest: whoever reads the log without the keys sees headers, not contents.
+
+Every pair of peers shares 256-bit keys (generated and distributed by Ansible). The sender
+seals each packet with AES-GCM-SIV before it becomes a row; only the receiving peer can open it.
+The header fields are destructured before sealing, so the log stays queryable by address, port
+and protocol; the sealed payload is authenticated together with its link and sequence number,
+so a database administrator can neither read a packet nor move one to another link or position
+without the receiver noticing.
+
+Stored layout: key id (1 byte) | nonce (12 bytes) | ciphertext and tag (len(packet) + 16).
+The key id makes rotation possible: a peer seals with its newest key and opens with any it
+holds. Nonces are random; GCM-SIV stays safe if two ever repeat (it then only reveals that
+two packets were identical), which a counter could not promise across restarts and resyncs.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import os
+import struct
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives.ciphers.aead import AESGCMSIV
+
+from .config import ConfigError
+
+KEY_BYTES = 32
+NONCE_BYTES = 12
+TAG_BYTES = 16
+OVERHEAD = 1 + NONCE_BYTES + TAG_BYTES
+_CONTEXT = b"pgvpn/seal/1"
+
+
+class KeysFileError(ConfigError):
+    """A keys file problem, phrased for the operator who has to fix it."""
+
+
+class Unsealable(ValueError):
+    """A stored payload that this peer cannot open: unknown key id, tampered or truncated."""
+
+
+def new_key() -> str:
+    """A fresh key, base64 as it goes into a keys file."""
+    return base64.b64encode(os.urandom(KEY_BYTES)).decode()
+
+
+def _aad(src: str, dst: str, seq: int) -> bytes:
+    """What a sealed payload is bound to: its link (both ends) and its place on it."""
+    s, d = src.encode(), dst.encode()
+    return _CONTEXT + struct.pack("!qHH", seq, len(s), len(d)) + s + d
+
+
+@dataclass(frozen=True)
+class LinkKeys:
+    """The keys this peer shares with one other peer, by id; the highest id seals."""
+
+    keys: Mapping[int, AESGCMSIV]
+
+    @property
+    def current(self) -> int:
+        return max(self.keys)
+
+
+class Sealer:
+    """Seals packets to, and opens packets from, the peers named in a keys file."""
+
+    def __init__(self, me: str, links: Mapping[str, LinkKeys]) -> None:
+        self.me = me
+        self.links = dict(links)
+
+    def seal(self, dst: str, seq: int, packet: bytes) -> bytes:
+        link = self.links[dst]
+        key_id = link.current
+        nonce = os.urandom(NONCE_BYTES)
+        sealed = link.keys[key_id].encrypt(nonce, packet, _aad(self.me, dst, seq))
+        return bytes((key_id,)) + nonce + sealed
+
+    def open(self, src: str, seq: int, stored: bytes) -> bytes:
+        link = self.links.get(src)
+        if link is None:
+            raise Unsealable(f"no key shared with peer {src}")
+        if len(stored) < OVERHEAD:
+            raise Unsealable(f"{len(stored)} bytes is shorter than a sealed packet")
+        key = link.keys.get(stored[0])
+        if key is None:
+            raise Unsealable(f"key id {stored[0]} from peer {src} is not in the keys file")
+        try:
+            return key.decrypt(stored[1:1 + NONCE_BYTES], stored[1 + NONCE_BYTES:],
+                               _aad(src, self.me, seq))
+        except InvalidTag:
+            raise Unsealable(f"packet {seq} from peer {src} failed authentication") from None
+
+
+def load(path: str | os.PathLike[str], me: str, peers: list[str]) -> Sealer:
+    """Read a keys file: one table per other peer, key id = base64 key.
+
+        [keys.peer2]
+        1 = "base64 of 32 random bytes"
+    """
+    where = f"encryption.keys_file {path}"
+    try:
+        raw = tomllib.loads(Path(path).read_text())
+    except OSError as exc:
+        raise KeysFileError(f"{where}: cannot read: {exc.strerror}") from exc
+    except tomllib.TOMLDecodeError as exc:
+        raise KeysFileError(f"{where}: not valid TOML: {exc}") from exc
+    tables = raw.get("keys")
+    if not isinstance(tables, dict):
+        raise KeysFileError(f"{where}: no [keys.<peer>] tables")
+    unknown = sorted(set(tables) - set(peers))
+    if unknown:
+        raise KeysFileError(f"{where}: keys for unknown peers {unknown} (peers: {sorted(peers)})")
+    missing = sorted(set(peers) - set(tables) - {me})
+    if missing:
+        raise KeysFileError(f"{where}: no key shared with {missing}; every pair of peers needs one")
+    return Sealer(me, {peer: _link(where, peer, table) for peer, table in tables.items()})
+
+
+def _link(where: str, peer: str, table: object) -> LinkKeys:
+    if not isinstance(table, dict) or not table:
+        raise KeysFileError(f"{where}: [keys.{peer}] must map key ids to base64 keys")
+    keys: dict[int, AESGCMSIV] = {}
+    for key_id, value in table.items():
+        if not key_id.isdigit() or not 0 <= int(key_id) <= 255:
+            raise KeysFileError(f"{where}: keys.{peer}.{key_id}: key ids are integers 0-255")
+        try:
+            key = base64.b64decode(value, validate=True) if isinstance(value, str) else b""
+        except binascii.Error:
+            key = b""
+        if len(key) != KEY_BYTES:
+            raise KeysFileError(
+                f"{where}: keys.{peer}.{key_id}: expected base64 of {KEY_BYTES} bytes "
+                "(generate one with `pgvpn keygen`)")
+        keys[int(key_id)] = AESGCMSIV(key)
+    return LinkKeys(keys)
