@@ -1,4 +1,4 @@
-"""Throughput and latency of each transport variant, measured side by side through `pgvpn lab`.
+"""Throughput, latency and cost of each transport variant, side by side with OpenVPN.
 
 Variants run round-robin (rep 1 of every variant, then rep 2 ...) so that the noise of a shared
 machine hits them alike; results are reported as min/median/max and as ratios to the seed's v2
@@ -8,140 +8,170 @@ algorithm measured in the same run.
 from __future__ import annotations
 
 import argparse
-import json
+import os
 import re
-import statistics
 import sys
 import tempfile
+import threading
 import time
-from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
 
-from pgvpn_agent.lab import Lab
+from bench import report
+from bench.report import Result, Sample
+from bench.testbeds import Testbed, Variant, testbed
+from bench.usage import CpuTimes, LogPosition, peak_rss_mb
+from pgvpn_agent.lab import Lab, LabError
 
 RESULTS = Path(__file__).with_name("results")
 
-
-@dataclass(frozen=True)
-class Variant:
-    name: str
-    mode: str = "logged"
-    batch_max: int | None = None
-    mtu: int = 1500
-
-
 VARIANTS = (
-    Variant("seed v1: trigger, batch 1", mode="trigger", batch_max=1),
-    Variant("seed v2: logged, batch 1", mode="logged", batch_max=1),
-    Variant("seed cheat: payload", mode="payload"),
-    Variant("pgvpn logged", mode="logged"),
-    Variant("pgvpn logged, MTU 9000", mode="logged", mtu=9000),
+    Variant("seed-v1", "seed v1: trigger, batch 1", mode="trigger", batch_max=1),
+    Variant("seed-v2", "seed v2: logged, batch 1", mode="logged", batch_max=1),
+    Variant("payload", "seed cheat: payload", mode="payload"),
+    Variant("logged", "pgvpn logged"),
+    Variant("logged-9000", "pgvpn logged, MTU 9000", mtu=9000),
+    Variant("openvpn-aes", "OpenVPN 2.6, AES-256-GCM", kind="openvpn", cipher="AES-256-GCM"),
+    Variant("openvpn-none", "OpenVPN 2.6, cipher none", kind="openvpn", cipher="none"),
+    Variant("veth", "veth pair, no tunnel", kind="veth"),
 )
-BASELINE = "seed v2: logged, batch 1"
 
 
-@dataclass
-class Sample:
-    mbits: float
-    rtt_idle_ms: float
-    rtt_load_ms: float
-    rows: int
-
-
-@dataclass
-class Result:
-    variant: Variant
-    samples: list[Sample] = field(default_factory=list)
-
-    def stat(self, key: str) -> tuple[float, float, float]:
-        values = [getattr(s, key) for s in self.samples]
-        return min(values), statistics.median(values), max(values)
-
-
-def ping_ms(lab: Lab, count: int) -> float:
+def ping_ms(lab: Lab, count: int) -> float | None:
     a, b = lab.peers[:2]
     out = lab.exec(a, ["ping", "-n", "-q", "-c", str(count), "-i", "0.05", "-W", "2", b.ipv4])
     match = re.search(r"= [\d.]+/([\d.]+)/", out.stdout)
-    return float(match.group(1)) if match else float("nan")
+    return float(match.group(1)) if match else None
 
 
 def measure(variant: Variant, seconds: float) -> Sample:
+    """One sample on a fresh testbed: idle pings, then iperf3 with pings alongside, and what
+    the tunnel's processes and the database spent while iperf3 ran."""
     workdir = Path(tempfile.mkdtemp(prefix="pgvpn-bench-", dir="/tmp"))
     workdir.chmod(0o755)
-    lab = Lab.create(workdir, prefix="pgvpn-bench", port=57432, mode=variant.mode,
-                     batch_max=variant.batch_max, mtu=variant.mtu)
-    try:
-        lab.up()
-        a, b = lab.peers
-        idle = ping_ms(lab, 20)
-        load: list[float] = []
-        import threading
+    pid = os.getpid()
+    with testbed(variant, workdir, prefix=f"pgvb{pid}-", port=57000 + pid % 1000) as bed:
+        idle = ping_ms(bed.lab, 20)
+        return _under_load(bed, seconds, idle)
 
-        pinger = threading.Thread(target=lambda: load.append(ping_ms(lab, int(seconds * 10))))
-        pinger.start()
-        report = lab.iperf(a, b, seconds=seconds)
-        pinger.join()
-        rows = int(lab.psql("SELECT count(*) FROM pgvpn.packet"))
-        bits = report["end"]["sum_received"]["bits_per_second"]
-        return Sample(mbits=bits / 1e6, rtt_idle_ms=idle, rtt_load_ms=load[0], rows=rows)
-    finally:
-        lab.down()
+
+def _under_load(bed: Testbed, seconds: float, idle: float | None) -> Sample:
+    lab = bed.lab
+    logged = bed.postmaster is not None
+    log0 = LogPosition.of(lab) if logged else None
+    cpu0 = CpuTimes.of(bed.tunnel_pids, bed.postmaster)
+    loaded: list[float | None] = []
+    pinger = threading.Thread(target=lambda: loaded.append(ping_ms(lab, int(seconds * 10))))
+    pinger.start()
+    iperf = lab.iperf(lab.peers[0], lab.peers[1], seconds=seconds)
+    pinger.join()
+    cpu1 = CpuTimes.of(bed.tunnel_pids, bed.postmaster)
+    log1 = LogPosition.of(lab) if logged else None
+    received = iperf["end"]["sum_received"]
+    payload = int(received["bytes"])
+    mb = payload / 1e6
+
+    def per_mb(before: float | None, after: float | None) -> float | None:
+        return None if before is None or after is None else (after - before) / mb
+
+    growth = None
+    if log0 and log1:
+        growth = (log1.wal_bytes - log0.wal_bytes + log1.table_bytes - log0.table_bytes) / payload
+    return Sample(
+        mbits=received["bits_per_second"] / 1e6, payload_bytes=payload,
+        rtt_idle_ms=idle, rtt_load_ms=loaded[0],
+        rows=log1.rows - log0.rows if log0 and log1 else 0,
+        log_bytes_per_byte=growth,
+        tunnel_cpu_s_per_mb=per_mb(cpu0.tunnel, cpu1.tunnel) if bed.tunnel_pids else None,
+        postgres_cpu_s_per_mb=per_mb(cpu0.postgres, cpu1.postgres),
+        peak_rss_mb=max((peak_rss_mb(p) for p in bed.tunnel_pids), default=None))
+
+
+class Progress:
+    """One status line on stderr: redrawn every second on a terminal, a line per sample in a
+    log (CI), so that neither shows a wall of carriage returns."""
+
+    def __init__(self, total: int) -> None:
+        self.total = total
+        self.done = 0
+        self.text = ""
+        self.started = time.monotonic()
+        self.tty = sys.stderr.isatty()
+        self.stop = threading.Event()
+        if self.tty:
+            threading.Thread(target=self._tick, daemon=True).start()
+
+    def step(self, variant: Variant, rep: int, reps: int) -> None:
+        self.done += 1
+        self.text = f"[{self.done}/{self.total}] rep {rep}/{reps}: {variant.name}"
+        self._draw(end="" if self.tty else "\n")
+
+    def close(self) -> None:
+        self.stop.set()
+        if self.tty:
+            print(file=sys.stderr)
+
+    def _tick(self) -> None:
+        while not self.stop.wait(1.0):
+            self._draw(end="")
+
+    def _draw(self, end: str) -> None:
+        elapsed = int(time.monotonic() - self.started)
+        line = f"{self.text}, {elapsed // 60}m{elapsed % 60:02d}s elapsed"
+        print(("\r\x1b[K" if self.tty else "") + line, end=end, file=sys.stderr, flush=True)
 
 
 def run(variants: tuple[Variant, ...], reps: int, seconds: float) -> list[Result]:
     results = [Result(v) for v in variants]
-    total = reps * len(variants)
-    done = 0
-    for rep in range(reps):
-        for result in results:
-            done += 1
-            print(f"[{done}/{total}] rep {rep + 1}: {result.variant.name} ...", end="",
-                  file=sys.stderr, flush=True)
-            started = time.monotonic()
-            sample = measure(result.variant, seconds)
-            result.samples.append(sample)
-            print(f" {sample.mbits:.1f} Mbit/s, {time.monotonic() - started:.0f}s",
-                  file=sys.stderr, flush=True)
+    progress = Progress(reps * len(variants))
+    try:
+        for rep in range(1, reps + 1):
+            for result in results:
+                progress.step(result.variant, rep, reps)
+                result.samples.append(measure(result.variant, seconds))
+    finally:
+        progress.close()
     return results
 
 
-def table(results: list[Result]) -> str:
-    base = next((r for r in results if r.variant.name == BASELINE), None)
-    base_median = base.stat("mbits")[1] if base else float("nan")
-    lines = ["| variant | Mbit/s min / median / max | x seed v2 | ping idle ms | "
-             "ping under load ms | rows |", "|---|---|---|---|---|---|"]
-    for r in results:
-        lo, med, hi = r.stat("mbits")
-        lines.append(
-            f"| {r.variant.name} | {lo:.1f} / **{med:.1f}** / {hi:.1f} | "
-            f"{med / base_median:.1f}x | {r.stat('rtt_idle_ms')[1]:.2f} | "
-            f"{r.stat('rtt_load_ms')[1]:.1f} | {int(r.stat('rows')[1])} |")
-    return "\n".join(lines)
+def write(results: list[Result], out: Path, seconds: float, reps: int) -> list[Path]:
+    """Markdown, JSON and PNG side by side, named by the run's start time."""
+    out.mkdir(parents=True, exist_ok=True)
+    stem = out / f"tunnel-{time.strftime('%Y%m%d-%H%M%S')}"
+    md, js, png = (stem.with_suffix(s) for s in (".md", ".json", ".png"))
+    md.write_text(report.table(results) + "\n\n" + report.summary(results) + "\n")
+    js.write_text(report.to_json(results, seconds, reps) + "\n")
+    report.chart(results, png)
+    return [md, js, png]
+
+
+def _selected(only: list[str] | None) -> tuple[Variant, ...]:
+    keys = [v.key for v in VARIANTS]
+    unknown = sorted(set(only or ()) - set(keys))
+    if unknown:
+        raise LabError(f"unknown variant {', '.join(unknown)}; choose from {', '.join(keys)}")
+    return tuple(v for v in VARIANTS if not only or v.key in only)
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="pgvpn bench", description=__doc__)
-    p.add_argument("--seconds", type=float, default=10)
-    p.add_argument("--reps", type=int, default=3)
-    p.add_argument("--quick", action="store_true", help="2 s per variant, one repetition")
-    p.add_argument("--only", nargs="*", help="variant names to run (substring match)")
+    p.add_argument("--seconds", type=float, help="iperf3 run per sample (default 8, quick 2)")
+    p.add_argument("--reps", type=int, help="repetitions of every variant (default 3, quick 1)")
+    p.add_argument("--quick", action="store_true", help="smoke run: 2 s per variant, 1 rep")
+    p.add_argument("--only", nargs="+", metavar="KEY",
+                   help="variants to run: " + ", ".join(v.key for v in VARIANTS))
+    p.add_argument("--out", type=Path, default=RESULTS, help=f"output dir (default {RESULTS})")
     args = p.parse_args(argv)
-    seconds, reps = (2.0, 1) if args.quick else (args.seconds, args.reps)
-    variants = tuple(v for v in VARIANTS
-                     if not args.only or any(o in v.name for o in args.only))
-    results = run(variants, reps, seconds)
-    text = table(results)
-    print(text)
-    RESULTS.mkdir(exist_ok=True)
-    stamp = time.strftime("%Y%m%d-%H%M%S")
-    data: list[dict[str, Any]] = [
-        {"variant": asdict(r.variant), "samples": [asdict(s) for s in r.samples]}
-        for r in results]
-    (RESULTS / f"tunnel-{stamp}.json").write_text(json.dumps(
-        {"seconds": seconds, "reps": reps, "results": data}, indent=2))
-    (RESULTS / f"tunnel-{stamp}.md").write_text(text + "\n")
-    print(f"results in {RESULTS}/tunnel-{stamp}.{{json,md}}", file=sys.stderr)
+    seconds = args.seconds or (2.0 if args.quick else 8.0)
+    reps = args.reps or (1 if args.quick else 3)
+    try:
+        results = run(_selected(args.only), reps, seconds)
+    except LabError as exc:
+        print(f"pgvpn bench: error: {exc}", file=sys.stderr)
+        return 2
+    print(report.table(results))
+    print(report.summary(results))
+    for path in write(results, args.out, seconds, reps):
+        print(path, file=sys.stderr)
     return 0
 
 

@@ -25,6 +25,13 @@ def run(config: Config) -> int:
             "PAYLOAD MODE: packets travel inside NOTIFY payloads and NOTHING IS LOGGED; any "
             "database user may LISTEN on the channels and read them. This is a benchmark mode."
         )
+    if config.database.insecure:
+        log.warning(
+            "DATABASE TLS NOT VERIFIED: database.allow_plaintext is set and sslmode is %s; "
+            "the database server is not authenticated, so whoever is on the path can read or "
+            "change passwords and packets. Use sslmode = \"verify-full\" with sslrootcert.",
+            config.database.sslmode,
+        )
     tun = open_tun(config.tun.name)
     stop = threading.Event()
     failed = threading.Event()

@@ -82,7 +82,8 @@ def _parser() -> argparse.ArgumentParser:
     st.add_argument("--json", action="store_true", help="machine-readable output")
     st.set_defaults(func=_status)
 
-    sub.add_parser("bench", help="benchmark the transport variants (see `pgvpn bench -h`)")
+    sub.add_parser("bench", help="benchmark the transport variants beside OpenVPN "
+                   "(see `pgvpn bench -h`)")
 
     filters = argparse.ArgumentParser(add_help=False)
     src = filters.add_mutually_exclusive_group(required=True)

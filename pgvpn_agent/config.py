@@ -15,9 +15,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from psycopg import ProgrammingError
+from psycopg.conninfo import conninfo_to_dict
+
 from pgvpn_agent.routing import RouteTable, RoutingError
 
 MODES = ("logged", "trigger", "payload")
+# libpq's sslmode values, weakest first; only verify-full authenticates the server by name.
+SSLMODES = ("disable", "allow", "prefer", "require", "verify-ca", "verify-full")
+_TLS_KEYS = ("sslmode", "sslrootcert", "sslcert", "sslkey")
 PEER_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,49}$")
 # NOTIFY payloads are limited to 8000 bytes; a packet travels base64-encoded with a short header.
 PAYLOAD_MODE_MAX_MTU = 5900
@@ -49,6 +55,20 @@ class Database:
     password_file: Path | None = None
     password_env: str | None = None
     connect_timeout: float = 5.0
+    # None leaves TLS to the dsn and libpq: `--dsn` on the command line, unix sockets.
+    sslmode: str | None = None
+    sslrootcert: Path | None = None
+    sslcert: Path | None = None
+    sslkey: Path | None = None
+    # True when database.allow_plaintext let a network dsn through without verify-full: the
+    # agent says so at every start.
+    insecure: bool = False
+
+    def tls(self) -> dict[str, str]:
+        """libpq TLS parameters; they override the dsn, which may not set them (parse)."""
+        values = {"sslmode": self.sslmode, "sslrootcert": self.sslrootcert,
+                  "sslcert": self.sslcert, "sslkey": self.sslkey}
+        return {k: str(v) for k, v in values.items() if v is not None}
 
     def password(self) -> str | None:
         """Read the secret at connect time so a rotated password file needs no restart."""
@@ -83,6 +103,11 @@ class Transport:
     max_age: float = 30.0
     poll_interval: float = 1.0
     fetch_max: int = 512
+    allow_payload_mode: bool = False
+    # Send limits of this agent (0: none); the bucket holds rate_limit_burst seconds of each.
+    rate_limit_packets: int = 0
+    rate_limit_bytes: int = 0
+    rate_limit_burst: float = 1.0
 
 
 @dataclass(frozen=True)
@@ -145,24 +170,7 @@ def parse(raw: dict[str, Any]) -> Config:
     if mode not in MODES:
         raise ConfigError(f"mode: {mode!r} is not one of {', '.join(MODES)}")
 
-    db_raw = _table(raw, "database", required=True)
-    _known(db_raw, "database.", {"dsn", "password_file", "password_env", "connect_timeout"})
-    dsn = _str(db_raw, "database.", "dsn", required=True)
-    if re.search(r"(^|\s)password\s*=", dsn) or re.search(r"://[^/@:]*:[^/@]*@", dsn):
-        raise ConfigError(
-            "database.dsn: contains a password; put it in database.password_file or "
-            "database.password_env instead"
-        )
-    pw_file = _str(db_raw, "database.", "password_file", default=None)
-    pw_env = _str(db_raw, "database.", "password_env", default=None)
-    if pw_file is not None and pw_env is not None:
-        raise ConfigError("database: set only one of password_file and password_env")
-    database = Database(
-        dsn=dsn,
-        password_file=Path(pw_file) if pw_file else None,
-        password_env=pw_env,
-        connect_timeout=_num(db_raw, "database.", "connect_timeout", 5.0, lo=0.5, hi=300),
-    )
+    database = _database(_table(raw, "database", required=True))
 
     tun_raw = _table(raw, "tun")
     _known(tun_raw, "tun.", {"name", "mtu", "txqueuelen"})
@@ -182,20 +190,32 @@ def parse(raw: dict[str, Any]) -> Config:
 
     tr_raw = _table(raw, "transport")
     _known(tr_raw, "transport.",
-           {"batch_max", "queue_max", "max_age", "poll_interval", "fetch_max"})
+           {"batch_max", "queue_max", "max_age", "poll_interval", "fetch_max",
+            "allow_payload_mode", "rate_limit_packets", "rate_limit_bytes", "rate_limit_burst"})
     transport = Transport(
         batch_max=_int(tr_raw, "transport.", "batch_max", 256, lo=1, hi=10_000),
         queue_max=_int(tr_raw, "transport.", "queue_max", 8192, lo=1, hi=10_000_000),
         max_age=_num(tr_raw, "transport.", "max_age", 30.0, lo=0.1, hi=86_400 * 7),
         poll_interval=_num(tr_raw, "transport.", "poll_interval", 1.0, lo=0.01, hi=3600),
         fetch_max=_int(tr_raw, "transport.", "fetch_max", 512, lo=1, hi=100_000),
+        allow_payload_mode=_bool(tr_raw, "transport.", "allow_payload_mode"),
+        rate_limit_packets=_int(tr_raw, "transport.", "rate_limit_packets", 0, lo=0,
+                                hi=10_000_000),
+        rate_limit_bytes=_int(tr_raw, "transport.", "rate_limit_bytes", 0, lo=0, hi=10**12),
+        rate_limit_burst=_num(tr_raw, "transport.", "rate_limit_burst", 1.0, lo=0.01, hi=60),
     )
+    if mode == "payload" and not transport.allow_payload_mode:
+        raise ConfigError(
+            "mode: \"payload\" sends every packet inside a NOTIFY payload, and PostgreSQL does "
+            "not access-control NOTIFY channels: any role that can connect to the database can "
+            "LISTEN on any peer's channel and read its packets, and nothing is logged. Set "
+            "transport.allow_payload_mode = true to accept that (benchmarks), or use mode = "
+            "\"logged\""
+        )
 
     m_raw = _table(raw, "metrics")
     _known(m_raw, "metrics.", {"enabled", "address", "port"})
-    enabled = m_raw.get("enabled", True)
-    if not isinstance(enabled, bool):
-        raise ConfigError("metrics.enabled: must be true or false")
+    enabled = _bool(m_raw, "metrics.", "enabled", default=True)
     address = _str(m_raw, "metrics.", "address", default="0.0.0.0")
     try:
         ipaddress.ip_address(address)
@@ -218,6 +238,68 @@ def parse(raw: dict[str, Any]) -> Config:
     except RoutingError as exc:
         raise ConfigError(f"peers: {exc}") from exc
     return config
+
+
+def _database(raw: dict[str, Any]) -> Database:
+    _known(raw, "database.", {"dsn", "password_file", "password_env", "connect_timeout",
+                              "allow_plaintext", *_TLS_KEYS})
+    dsn = _str(raw, "database.", "dsn", required=True)
+    if re.search(r"(^|\s)password\s*=", dsn) or re.search(r"://[^/@:]*:[^/@]*@", dsn):
+        raise ConfigError(
+            "database.dsn: contains a password; put it in database.password_file or "
+            "database.password_env instead"
+        )
+    try:
+        params = conninfo_to_dict(dsn)
+    except ProgrammingError as exc:
+        raise ConfigError(f"database.dsn: not a libpq connection string: {exc}") from None
+    for key in _TLS_KEYS:
+        if key in params:
+            raise ConfigError(f"database.dsn: sets {key}; use database.{key} instead, where "
+                              "the agent checks it")
+    pw_file = _str(raw, "database.", "password_file", default=None)
+    pw_env = _str(raw, "database.", "password_env", default=None)
+    if pw_file is not None and pw_env is not None:
+        raise ConfigError("database: set only one of password_file and password_env")
+    paths = {key: _str(raw, "database.", key, default=None) for key in _TLS_KEYS[1:]}
+    if (paths["sslcert"] is None) != (paths["sslkey"] is None):
+        raise ConfigError("database: set both sslcert and sslkey (a client certificate and its "
+                          "key), or neither")
+    allow_plaintext = _bool(raw, "database.", "allow_plaintext")
+    sslmode = _str(raw, "database.", "sslmode", default=None)
+    if sslmode is not None and sslmode not in SSLMODES:
+        raise ConfigError(f"database.sslmode: {sslmode!r} is not one of {', '.join(SSLMODES)}")
+    # libpq ignores sslmode on a unix socket, which its file permissions and pg_hba `local`
+    # lines guard. Without a host libpq takes PGHOST, else its default socket directory.
+    hosts = str(params.get("host") or os.environ.get("PGHOST") or "/").split(",")
+    local = (not (params.get("hostaddr") or os.environ.get("PGHOSTADDR"))
+             and all(h.startswith(("/", "@")) for h in hosts))
+    insecure = False
+    if not local:
+        sslmode = sslmode or "verify-full"
+        if sslmode != "verify-full":
+            if not allow_plaintext:
+                raise ConfigError(
+                    f"database.sslmode: {sslmode!r} does not authenticate the database server "
+                    "(only verify-full checks its certificate and name): passwords and packets "
+                    "could be read or changed on the way. Use sslmode = \"verify-full\" with "
+                    "sslrootcert, or set database.allow_plaintext = true to accept that"
+                )
+            insecure = True
+        if sslmode in ("verify-ca", "verify-full") and paths["sslrootcert"] is None:
+            raise ConfigError(
+                f"database.sslrootcert: required with sslmode {sslmode}: the CA certificate "
+                "that signed the database server's certificate (\"system\": the OS's CAs)"
+            )
+    return Database(
+        dsn=dsn,
+        password_file=Path(pw_file) if pw_file else None,
+        password_env=pw_env,
+        connect_timeout=_num(raw, "database.", "connect_timeout", 5.0, lo=0.5, hi=300),
+        sslmode=sslmode,
+        insecure=insecure,
+        **{k: Path(v) if v is not None else None for k, v in paths.items()},
+    )
 
 
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]?)B?\s*$", re.IGNORECASE)
@@ -310,6 +392,13 @@ def _str(raw: dict[str, Any], where: str, key: str, *, required: bool = False,
         return default
     if not isinstance(value, str) or not value:
         raise ConfigError(f"{where}{key}: must be a non-empty string, got {value!r}")
+    return value
+
+
+def _bool(raw: dict[str, Any], where: str, key: str, default: bool = False) -> bool:
+    value = raw.get(key, default)
+    if not isinstance(value, bool):
+        raise ConfigError(f"{where}{key}: must be true or false, got {value!r}")
     return value
 
 

@@ -31,7 +31,9 @@ def connect_kwargs(database: Database, application_name: str,
     """Arguments for psycopg.connect, shared by single connections and the housekeeping pool.
 
     Parallel workers turn every small indexed tail read into a 3x slower gather, so the agent
-    switches them off for its own sessions whatever the server default is.
+    switches them off for its own sessions whatever the server default is. Its statements run
+    thousands of times a second with the same shape: under the default plan_cache_mode the
+    server re-planned the receiver's fetch on every wake-up (a quarter of its CPU).
     """
     return {
         "conninfo": database.dsn,
@@ -39,16 +41,36 @@ def connect_kwargs(database: Database, application_name: str,
         "connect_timeout": max(1, round(database.connect_timeout)),
         "application_name": application_name,
         "autocommit": True,
-        "options": "-c max_parallel_workers_per_gather=0"
+        "options": "-c max_parallel_workers_per_gather=0 -c plan_cache_mode=force_generic_plan"
         + ("" if synchronous_commit else " -c synchronous_commit=off"),
+        **database.tls(),
     }
 
 
 def connect(database: Database, application_name: str, synchronous_commit: bool = True) -> Conn:
     """An autocommit session that knows the agent's binary array types."""
-    conn = psycopg.connect(**connect_kwargs(database, application_name, synchronous_commit))
+    try:
+        conn = psycopg.connect(**connect_kwargs(database, application_name, synchronous_commit))
+    except psycopg.OperationalError as exc:
+        hint = tls_hint(database, str(exc))
+        if hint:
+            raise psycopg.OperationalError(f"{describe(exc)} ({hint})") from exc
+        raise
     wire.register(conn)
     return conn
+
+
+def tls_hint(database: Database, message: str) -> str:
+    """Name the config key behind a TLS failure: libpq's message names neither."""
+    if "certificate verify failed" in message:
+        return (f"database.sslrootcert: the server's certificate is not signed by the CA in "
+                f"{database.sslrootcert}")
+    if "does not match host name" in message:
+        return ("database.dsn: the server's certificate does not name this host; connect by a "
+                "name or address that the certificate lists")
+    if "no pg_hba.conf entry" in message and "no encryption" in message:
+        return "the server accepts TLS connections only: set database.sslmode = \"verify-full\""
+    return ""
 
 
 def lock_peer(conn: Conn, namespace: int, peer_id: int, peer: str) -> None:

@@ -221,6 +221,10 @@ class Lab:
         if check and proc.returncode != 0:
             raise LabError(f"{' '.join(cmd[:2])} failed: {proc.stderr.strip() or proc.stdout}")
 
+    def postmaster_pid(self) -> int:
+        """The cluster's postmaster: the parent of every backend, for CPU accounting."""
+        return int((self.datadir / "postmaster.pid").read_text().split()[0])
+
     def psql(self, query: str, user: str = "postgres") -> str:
         """Run SQL as a superuser (or a peer's role) and return unaligned output."""
         proc = subprocess.run(["psql", "-X", "-A", "-t", "-v", "ON_ERROR_STOP=1", "-d",
@@ -247,7 +251,11 @@ class Lab:
         lines = [f'peer = "{peer.name}"', f'mode = "{self.mode}"', "", "[database]",
                  f'dsn = "{self.dsn(_role(peer.name))}"', "", "[tun]", f'name = "{peer.tun}"',
                  f"mtu = {self.mtu}", "", "[transport]"]
-        lines += [f"{k} = {json.dumps(v)}" for k, v in self.transport.items()]
+        transport = dict(self.transport)
+        if self.mode == "payload":
+            # the lab's database is this machine's, its roles the lab's own: nobody else listens
+            transport.setdefault("allow_payload_mode", True)
+        lines += [f"{k} = {json.dumps(v)}" for k, v in transport.items()]
         lines += ["", "[metrics]", "enabled = true", f'address = "{peer.metrics_host}"',
                   f"port = {METRICS_PORT}", ""]
         for p in self.peers:

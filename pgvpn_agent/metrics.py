@@ -45,7 +45,8 @@ _LATENCY_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 
                     0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 # Delivery also covers packets that waited out an outage, up to transport.max_age (30 s).
 _DELIVERY_BUCKETS = (*_LATENCY_BUCKETS, 30.0)
-DROP_REASONS = ("no_route", "malformed", "queue_full", "too_old", "db_error", "tun_write")
+DROP_REASONS = ("no_route", "malformed", "queue_full", "too_old", "db_error", "tun_write",
+                "rate_limit")
 DIRECTIONS = ("tx", "rx")
 CAUSES = ("notify", "poll")
 
@@ -112,7 +113,8 @@ LAST_PACKET = Gauge("pgvpn_last_packet_timestamp_seconds", "Unix time (agent clo
 DROPPED = Counter("pgvpn_packets_dropped", "Packets not carried, by reason: no_route (no peer "
                   "owns the destination), malformed, queue_full (oldest dropped while the "
                   "database was away), too_old (logged but older than transport.max_age), "
-                  "db_error (batch refused by the database), tun_write (TUN refused it).",
+                  "db_error (batch refused by the database), tun_write (TUN refused it), "
+                  "rate_limit (over this agent's transport.rate_limit_packets/_bytes).",
                   ["reason"])
 
 BATCHES = Counter("pgvpn_insert_batches", "Sender transactions that logged a batch of packets "
@@ -124,6 +126,10 @@ INSERT_SECONDS = Histogram("pgvpn_insert_duration_seconds", "Wall time of one ba
                            "transaction, insert and commit (WAL flush) included.",
                            buckets=_LATENCY_BUCKETS)
 QUEUE_DEPTH = Gauge("pgvpn_queue_depth_packets", "Packets read from TUN waiting to be logged.")
+RATE_LIMIT_PACKETS = Gauge("pgvpn_send_rate_limit_packets_per_second", "This agent's send limit "
+                           "(transport.rate_limit_packets); 0: unlimited.")
+RATE_LIMIT_BYTES = Gauge("pgvpn_send_rate_limit_bytes_per_second", "This agent's send limit in "
+                         "IP packet bytes (transport.rate_limit_bytes); 0: unlimited.")
 
 FETCH_SECONDS = Histogram("pgvpn_fetch_duration_seconds", "Wall time of one fetch of new rows "
                           "for this peer (one query over every incoming link).",
@@ -165,6 +171,8 @@ def start(config: Config) -> None:
             BYTES.labels(direction, peer.name)
     for reason in DROP_REASONS:
         DROPPED.labels(reason)
+    RATE_LIMIT_PACKETS.set(config.transport.rate_limit_packets)
+    RATE_LIMIT_BYTES.set(config.transport.rate_limit_bytes)
     for cause in CAUSES:
         WAKEUPS.labels(cause)
     if config.metrics.enabled:

@@ -19,6 +19,7 @@ import psycopg
 from pgvpn_agent import db, metrics, wire
 from pgvpn_agent.config import Config
 from pgvpn_agent.packet import MalformedPacket, parse
+from pgvpn_agent.ratelimit import RateLimit
 from pgvpn_agent.schema import check_version
 from pgvpn_agent.tun import Tun
 
@@ -37,6 +38,7 @@ class Sender:
         self.tun = tun
         self.stop = stop
         self.routes = config.route_table()
+        self.rate_limit = RateLimit.from_config(config)
         self.queue: deque[Captured] = deque()
         self.pending: list[Captured] = []
         self.conn: db.Conn | None = None
@@ -76,17 +78,25 @@ class Sender:
         cap = self.config.transport.queue_max
         read = self.tun.read
         now = time.time()
-        dropped = 0
+        dropped = limited = 0
+        bucket = self.rate_limit
+        if bucket is not None:
+            bucket.refill(time.monotonic())
         while limit is None or len(queue) < limit:
             packet = read()
             if packet is None:
                 break
+            if bucket is not None and not bucket.take(len(packet)):
+                limited += 1
+                continue
             if len(queue) >= cap:
                 queue.popleft()
                 dropped += 1
             queue.append((now, packet))
         if dropped:
             metrics.DROPPED.labels("queue_full").inc(dropped)
+        if limited:
+            metrics.DROPPED.labels("rate_limit").inc(limited)
         metrics.QUEUE_DEPTH.set(len(queue))
 
     def _flush(self) -> None:

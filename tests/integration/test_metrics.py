@@ -72,6 +72,15 @@ class Prometheus:
         return float(result[0]["value"][1])
 
 
+def terminate(proc: subprocess.Popen[bytes]) -> None:
+    proc.terminate()
+    try:
+        proc.wait(10)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
 @pytest.fixture
 def database_exporter(make_lab: Any) -> Iterator[tuple[Lab, str]]:
     lab: Lab = make_lab(peers=2)
@@ -82,12 +91,7 @@ def database_exporter(make_lab: Any) -> Iterator[tuple[Lab, str]]:
     try:
         yield lab, f"127.0.0.1:{port}"
     finally:
-        proc.terminate()
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        terminate(proc)
 
 
 @pytest.fixture
@@ -118,12 +122,7 @@ def prometheus(database_exporter: tuple[Lab, str], tmp_path: Path) -> Iterator[P
         eventually(lambda: _assert_ready(prom), timeout=30)
         yield prom
     finally:
-        proc.terminate()
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        terminate(proc)
 
 
 def _assert_ready(prom: Prometheus) -> None:

@@ -12,7 +12,7 @@ from pgvpn_agent import config
 
 BASE: dict[str, Any] = {
     "peer": "a",
-    "database": {"dsn": "host=db dbname=pgvpn user=pgvpn_a"},
+    "database": {"dsn": "host=db dbname=pgvpn user=pgvpn_a", "sslrootcert": "/etc/pgvpn/ca.crt"},
     "peers": [
         {"name": "a", "addresses": ["10.1.0.1/24", "fd01::1/64"]},
         {"name": "b", "addresses": ["10.1.0.2/24"], "routes": ["192.168.2.0/24"]},
@@ -62,14 +62,15 @@ def test_defaults_and_routes() -> None:
         (with_(database__colour="red"), "database.colour: unknown key"),
         (with_(metrics__address="localhost"), "metrics.address: 'localhost' is not an IP"),
         (with_(metrics__enabled="yes"), "metrics.enabled: must be true or false"),
-        (with_(mode="payload", tun__mtu=9000), "tun.mtu: 9000 cannot travel in payload mode"),
+        (with_(mode="payload", tun__mtu=9000, transport__allow_payload_mode=True),
+         "tun.mtu: 9000 cannot travel in payload mode"),
         (with_(peers__1__name="a"), "peers[1].name: peer 'a' is listed twice"),
         (with_(peers__1__addresses=[]), "peers[1].addresses: peer 'b' needs at least one"),
         (with_(peers__1__addresses=["10.1.0.300/24"]), "peers[1].addresses: '10.1.0.300/24'"),
         (with_(peers__1__routes=["192.168.2.1/24"]), "has host bits set"),
         (with_(peers__0__routes=["192.168.2.0/24"]), "192.168.2.0/24 is claimed by both"),
         (with_(peers__1__name="b c"), "peers[1].name: 'b c' must be"),
-        ({"peer": "a", "database": {"dsn": "x"}, "peers": []}, "peers: at least two"),
+        ({"peer": "a", "database": {"dsn": "host=/run/pg"}, "peers": []}, "peers: at least two"),
         ({"peer": "a", "peers": BASE["peers"]}, "database: missing table [database]"),
     ],
 )
@@ -103,3 +104,84 @@ def test_password_sources(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> No
         cfg.database.password()
     monkeypatch.setenv("PGVPN_TEST_PW", "x")
     assert cfg.database.password() == "x"
+
+
+@pytest.mark.parametrize(
+    ("database", "expected"),
+    [
+        ({"sslmode": "require"}, "database.sslmode: 'require' does not authenticate"),
+        ({"sslmode": "disable"}, "set database.allow_plaintext = true"),
+        ({"sslmode": "tls"}, "database.sslmode: 'tls' is not one of disable"),
+        ({"sslrootcert": None}, "database.sslrootcert: required with sslmode verify-full"),
+        ({"sslmode": "verify-ca", "sslrootcert": None, "allow_plaintext": True},
+         "database.sslrootcert: required with sslmode verify-ca"),
+        ({"sslcert": "/etc/pgvpn/client.crt"}, "database: set both sslcert and sslkey"),
+        ({"allow_plaintext": "yes"}, "database.allow_plaintext: must be true or false"),
+        ({"dsn": "host=db user=pgvpn_a sslmode=disable"},
+         "database.dsn: sets sslmode; use database.sslmode instead"),
+        ({"dsn": "postgresql://db/pgvpn?sslrootcert=/x"}, "database.dsn: sets sslrootcert"),
+        ({"dsn": "host=db dbname"}, "database.dsn: not a libpq connection string"),
+        ({"dsn": "host=/run/pg hostaddr=192.0.2.1", "sslrootcert": None},
+         "database.sslrootcert: required"),
+    ],
+)
+def test_tls_errors_name_the_key(database: dict[str, Any], expected: str) -> None:
+    raw = copy.deepcopy(BASE)
+    raw["database"].update(database)
+    raw["database"] = {k: v for k, v in raw["database"].items() if v is not None}
+    assert expected in error(raw)
+
+
+def test_tls_defaults_to_verify_full() -> None:
+    cfg = config.parse(copy.deepcopy(BASE))
+    assert cfg.database.tls() == {"sslmode": "verify-full", "sslrootcert": "/etc/pgvpn/ca.crt"}
+    assert not cfg.database.insecure
+    cfg = config.parse(with_(database__sslcert="/c.crt", database__sslkey="/c.key"))
+    assert cfg.database.tls()["sslcert"] == "/c.crt" and cfg.database.tls()["sslkey"] == "/c.key"
+
+
+def test_plaintext_only_by_the_explicit_switch() -> None:
+    cfg = config.parse(with_(database__sslmode="disable", database__allow_plaintext=True))
+    assert cfg.database.insecure and cfg.database.tls() == {
+        "sslmode": "disable", "sslrootcert": "/etc/pgvpn/ca.crt"}
+    assert not config.parse(with_(database__allow_plaintext=True)).database.insecure
+
+
+@pytest.mark.parametrize("dsn", ["host=/run/postgresql dbname=pgvpn",
+                                 "postgresql://pgvpn_a@%2Frun%2Fpg/pgvpn",
+                                 "host=/run/a,/run/b dbname=pgvpn", "dbname=pgvpn"])
+def test_unix_sockets_need_no_tls(dsn: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("PGHOST", raising=False)
+    monkeypatch.delenv("PGHOSTADDR", raising=False)
+    cfg = config.parse({**BASE, "database": {"dsn": dsn}})
+    assert cfg.database.tls() == {} and not cfg.database.insecure
+
+
+def test_a_dsn_without_host_follows_pghost(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("PGHOST", "db.example")
+    assert "database.sslrootcert: required" in error({**BASE, "database": {"dsn": "dbname=x"}})
+
+
+def test_payload_mode_is_opt_in() -> None:
+    message = error(with_(mode="payload"))
+    assert message.startswith("mode: ")
+    assert "any role that can connect" in message and "LISTEN" in message
+    assert "transport.allow_payload_mode = true" in message
+    cfg = config.parse(with_(mode="payload", transport__allow_payload_mode=True))
+    assert cfg.mode == "payload"
+
+
+def test_rate_limit_keys() -> None:
+    t = config.parse(copy.deepcopy(BASE)).transport
+    assert (t.rate_limit_packets, t.rate_limit_bytes, t.rate_limit_burst) == (0, 0, 1.0)
+    t = config.parse(with_(transport__rate_limit_packets=5000,
+                           transport__rate_limit_bytes=12_500_000,
+                           transport__rate_limit_burst=0.5)).transport
+    assert (t.rate_limit_packets, t.rate_limit_bytes, t.rate_limit_burst) == (
+        5000, 12_500_000, 0.5)
+    assert "transport.rate_limit_packets: -1 is out of range" in error(
+        with_(transport__rate_limit_packets=-1))
+    assert "transport.rate_limit_bytes: must be an integer" in error(
+        with_(transport__rate_limit_bytes="10MB"))
+    assert "transport.rate_limit_burst: 0 is out of range" in error(
+        with_(transport__rate_limit_burst=0))

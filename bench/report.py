@@ -1,0 +1,137 @@
+"""The benchmark's outputs: a Markdown table, the raw samples as JSON and a bar chart (PNG).
+
+Every figure is the median over repetitions; throughput also shows min and max, and ratios are
+taken to the seed's v2 algorithm measured in the same run, so that results from a loaded and a
+quiet machine can still be compared.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from bench.testbeds import Variant
+
+BASELINE = "seed-v2"
+DEFAULT = "logged"
+OPENVPN_AES = "openvpn-aes"
+
+
+@dataclass
+class Sample:
+    mbits: float
+    payload_bytes: int
+    rtt_idle_ms: float | None
+    rtt_load_ms: float | None
+    rows: int  # logged while iperf3 ran
+    log_bytes_per_byte: float | None  # WAL + packet-table growth per iperf3 payload byte
+    tunnel_cpu_s_per_mb: float | None  # agents, or OpenVPN; None for the bare veth pair
+    postgres_cpu_s_per_mb: float | None
+    peak_rss_mb: float | None  # the largest VmHWM among the tunnel's processes
+
+
+@dataclass
+class Result:
+    variant: Variant
+    samples: list[Sample] = field(default_factory=list)
+
+    def values(self, key: str) -> list[float]:
+        return [v for s in self.samples if (v := getattr(s, key)) is not None]
+
+    def median(self, key: str) -> float | None:
+        values = self.values(key)
+        return statistics.median(values) if values else None
+
+
+def ratio(results: list[Result], key: str, to: str) -> float | None:
+    """Median throughput of variant `key` over that of variant `to`, if both ran."""
+    by_key = {r.variant.key: r.median("mbits") for r in results}
+    num, den = by_key.get(key), by_key.get(to)
+    return num / den if num is not None and den else None
+
+
+def table(results: list[Result]) -> str:
+    lines = ["| variant | Mbit/s min / median / max | x seed v2 | ping idle / loaded ms | "
+             "rows | log B per payload B | CPU ms/MB tunnel | CPU ms/MB postgres | "
+             "peak RSS MB |", "|---|---|---|---|---|---|---|---|---|"]
+    for r in results:
+        mbits = r.values("mbits")
+        lines.append(" | ".join([
+            f"| {r.variant.name}",
+            f"{min(mbits):.1f} / **{statistics.median(mbits):.1f}** / {max(mbits):.1f}",
+            _fmt(ratio(results, r.variant.key, BASELINE), "{:.1f}x"),
+            f"{_fmt(r.median('rtt_idle_ms'), '{:.2f}')} / "
+            f"{_fmt(r.median('rtt_load_ms'), '{:.1f}')}",
+            _fmt(r.median("rows") if r.variant.kind == "pgvpn" else None, "{:.0f}"),
+            _fmt(r.median("log_bytes_per_byte"), "{:.2f}"),
+            _fmt(_ms(r.median("tunnel_cpu_s_per_mb")), "{:.2f}"),
+            _fmt(_ms(r.median("postgres_cpu_s_per_mb")), "{:.2f}"),
+            _fmt(r.median("peak_rss_mb"), "{:.0f}") + " |"]))
+    return "\n".join(lines)
+
+
+def summary(results: list[Result]) -> str:
+    """The figures the issue sets targets for, in one line each."""
+    lines = []
+    default = next((r for r in results if r.variant.key == DEFAULT), None)
+    if default is not None:
+        lines.append(f"- `{DEFAULT}` (MTU {default.variant.mtu}): "
+                     f"{_fmt(ratio(results, DEFAULT, BASELINE), '{:.1f}x')} seed v2, "
+                     f"{_fmt(ratio(results, DEFAULT, OPENVPN_AES), '{:.2f}x')} OpenVPN AES")
+    rss = [max(r.values("peak_rss_mb")) for r in results
+           if r.variant.kind == "pgvpn" and r.values("peak_rss_mb")]
+    if rss:
+        lines.append(f"- agent peak RSS: {max(rss):.0f} MB (largest of any agent in any run)")
+    return "\n".join(lines)
+
+
+def to_json(results: list[Result], seconds: float, reps: int) -> str:
+    data: list[dict[str, Any]] = [
+        {"variant": asdict(r.variant), "samples": [asdict(s) for s in r.samples],
+         "x_seed_v2": ratio(results, r.variant.key, BASELINE)} for r in results]
+    return json.dumps({"seconds": seconds, "reps": reps, "results": data}, indent=2)
+
+
+def chart(results: list[Result], path: Path) -> None:
+    """Throughput relative to seed v2 (log scale) beside the CPU each variant spends per MB."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = [r.variant.name for r in results]
+    colors = ["tab:gray" if r.variant.kind != "pgvpn" else "tab:blue" for r in results]
+    ratios = [ratio(results, r.variant.key, BASELINE) or 0.0 for r in results]
+    fig, (left, right) = plt.subplots(1, 2, figsize=(13, 0.55 * len(results) + 2),
+                                      sharey=True)
+    mbits = [r.median("mbits") or 0.0 for r in results]
+    bars = left.barh(names, ratios, color=colors)
+    left.bar_label(bars, labels=[f"{x:.1f}x ({m:.0f} Mbit/s)" for x, m in zip(ratios, mbits,
+                                                                             strict=True)],
+                   padding=3, fontsize=8)
+    left.set_xscale("log")
+    left.set_xlim(right=max(ratios, default=1.0) * 30)  # room for the labels
+    left.set_xlabel("median throughput, x seed v2 (logged, batch 1), log scale")
+    left.invert_yaxis()
+    tunnel = [_ms(r.median("tunnel_cpu_s_per_mb")) or 0.0 for r in results]
+    database = [_ms(r.median("postgres_cpu_s_per_mb")) or 0.0 for r in results]
+    right.barh(names, tunnel, color=colors, label="agents / OpenVPN")
+    right.barh(names, database, left=tunnel, color="tab:orange", label="PostgreSQL")
+    right.set_xscale("symlog", linthresh=1.0)
+    right.set_xlabel("CPU ms per MB transferred, median")
+    right.legend(loc="lower right", fontsize=8)
+    fig.suptitle("pgvpn bench: iperf3 TCP through each transport (blue: pgvpn, gray: baselines)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def _ms(seconds: float | None) -> float | None:
+    return None if seconds is None else seconds * 1000
+
+
+def _fmt(value: float | None, spec: str) -> str:
+    return "-" if value is None else spec.format(value)
