@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from pgvpn_agent import config as configuration
-from pgvpn_agent import logquery
+from pgvpn_agent import logquery, seal
 
 log = logging.getLogger("pgvpn")
 
@@ -46,6 +46,9 @@ def _parser() -> argparse.ArgumentParser:
     check.add_argument("--config", type=Path)
     check.add_argument("path", nargs="?", type=Path, help="(same as --config)")
     check.set_defaults(func=_config_check)
+    keygen = sub.add_parser("keygen", help="print a new key for a pair of peers' keys files "
+                            "(payload encryption at rest)")
+    keygen.set_defaults(func=_keygen)
 
     dbp = sub.add_parser("db", help="database schema").add_subparsers(required=True)
     for name, text in (("init", "install the schema in an empty database"),
@@ -113,6 +116,7 @@ def _parser() -> argparse.ArgumentParser:
     up.add_argument("--mode", choices=configuration.MODES, default="logged")
     up.add_argument("--batch-max", type=int)
     up.add_argument("--mtu", type=int, default=1500)
+    up.add_argument("--encrypt", action="store_true", help="seal payloads at rest (keys per pair)")
     up.add_argument("--dir", type=Path, default=None, help="work dir (default /run/pgvpn-lab)")
     up.set_defaults(func=_lab_up)
     st = labs.add_parser("status", help="describe the running lab")
@@ -150,8 +154,15 @@ def _config_check(args: argparse.Namespace) -> int:
     if path is None:
         raise configuration.ConfigError("config check: give the file with --config FILE")
     cfg = configuration.load(path)
+    sealer = seal.for_config(cfg)
+    sealed = f", payloads sealed for {len(sealer.links)} peers" if sealer else ""
     print(f"{path}: ok (peer {cfg.peer}, mode {cfg.mode}, "
-          f"{len(cfg.peers)} peers)")
+          f"{len(cfg.peers)} peers{sealed})")
+    return 0
+
+
+def _keygen(args: argparse.Namespace) -> int:
+    print(seal.new_key())
     return 0
 
 
@@ -266,7 +277,7 @@ def _lab_up(args: argparse.Namespace) -> int:
     from pgvpn_agent.lab import Lab
 
     lab = Lab.create(_lab_dir(args), peers=args.peers, mode=args.mode, batch_max=args.batch_max,
-                     mtu=args.mtu)
+                     mtu=args.mtu, encrypt=args.encrypt)
     lab.up()
     for peer in lab.peers:
         print(f"{peer.name}: ip netns exec {peer.netns} ping {peer.ipv4}  |  {peer.ipv6}")

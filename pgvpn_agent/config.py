@@ -136,6 +136,8 @@ class Config:
     transport: Transport = field(default_factory=Transport)
     metrics: Metrics = field(default_factory=Metrics)
     retention: Retention = field(default_factory=Retention)
+    # Payload encryption at rest (seal.py): the keys this peer shares with every other peer.
+    keys_file: Path | None = None
 
     @property
     def me(self) -> Peer:
@@ -164,7 +166,7 @@ def load(path: str | os.PathLike[str]) -> Config:
 def parse(raw: dict[str, Any]) -> Config:
     """Validate a decoded TOML document; unknown keys are errors so typos do not pass silently."""
     _known(raw, "", {"peer", "mode", "database", "tun", "transport", "metrics", "peers",
-                     "retention"})
+                     "retention", "encryption"})
     peer = _str(raw, "", "peer", required=True)
     mode = _str(raw, "", "mode", default="logged")
     if mode not in MODES:
@@ -230,8 +232,15 @@ def parse(raw: dict[str, Any]) -> Config:
         raise ConfigError(
             f"peer: {peer!r} is not among [[peers]] ({', '.join(p.name for p in peers)})"
         )
+    e_raw = _table(raw, "encryption")
+    _known(e_raw, "encryption.", {"keys_file"})
+    keys_file = _str(e_raw, "encryption.", "keys_file", default=None)
+    if keys_file and mode == "payload":
+        raise ConfigError("encryption.keys_file: payload mode stores nothing to encrypt at rest; "
+                          "use mode = \"logged\" or drop [encryption]")
     config = Config(peer=peer, mode=mode, database=database, tun=tun, transport=transport,
-                    metrics=metrics, peers=peers, retention=retention)
+                    metrics=metrics, peers=peers, retention=retention,
+                    keys_file=Path(keys_file) if keys_file else None)
     try:
         # every peer's prefixes, ours included: two peers must never claim the same prefix
         RouteTable((str(net), p.name) for p in peers for net in p.prefixes())

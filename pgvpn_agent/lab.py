@@ -25,6 +25,8 @@ from typing import Any
 
 from prometheus_client.parser import text_string_to_metric_families
 
+from pgvpn_agent import seal
+
 DEFAULT_DIR = Path(os.environ.get("PGVPN_LAB_DIR", "/run/pgvpn-lab"))
 PG_BIN_CANDIDATES = ("/usr/lib/postgresql/17/bin", "/usr/lib/postgresql/16/bin",
                      "/usr/lib/postgresql/15/bin")
@@ -81,6 +83,7 @@ class Lab:
     pg_bin: str = ""
     transport: dict[str, Any] = field(default_factory=dict)
     mtu: int = 1500
+    encrypt: bool = False
 
     @property
     def pgdir(self) -> Path:
@@ -107,7 +110,8 @@ class Lab:
     @classmethod
     def create(cls, workdir: Path = DEFAULT_DIR, *, peers: int = 2, mode: str = "logged",
                batch_max: int | None = None, mtu: int = 1500, prefix: str = "pgvpn-lab",
-               port: int = 55432, transport: dict[str, Any] | None = None) -> Lab:
+               port: int = 55432, transport: dict[str, Any] | None = None,
+               encrypt: bool = False) -> Lab:
         if (workdir / "lab.json").exists():
             raise LabError(f"a lab is already up in {workdir}: run `pgvpn lab down` first")
         if peers < 2 or peers > 200:
@@ -116,7 +120,7 @@ class Lab:
         if batch_max is not None:
             tr["batch_max"] = batch_max
         lab = cls(workdir=workdir, prefix=prefix, port=port, mode=mode, transport=tr, mtu=mtu,
-                  pg_bin=_pg_bin())
+                  pg_bin=_pg_bin(), encrypt=encrypt)
         for i in range(1, peers + 1):
             lab.peers.append(LabPeer(
                 name=f"peer{i}", netns=f"{prefix}{i}", ipv4=f"10.77.{i // 250}.{i % 250}",
@@ -139,6 +143,8 @@ class Lab:
             self.add_namespaces()
             self.start_postgres(init=True)
             self.init_database()
+            if self.encrypt:
+                self.write_keys()
             for peer in self.peers:
                 self.write_config(peer)
             for peer in self.peers if agents else []:
@@ -258,10 +264,28 @@ class Lab:
         lines += [f"{k} = {json.dumps(v)}" for k, v in transport.items()]
         lines += ["", "[metrics]", "enabled = true", f'address = "{peer.metrics_host}"',
                   f"port = {METRICS_PORT}", ""]
+        if self.encrypt:
+            lines += ["[encryption]", f'keys_file = "{self.keys_file(peer)}"', ""]
         for p in self.peers:
             lines += ["[[peers]]", f'name = "{p.name}"',
                       f'addresses = ["{p.ipv4}/16", "{p.ipv6}/64"]', ""]
         Path(peer.config).write_text("\n".join(lines))
+
+    def keys_file(self, peer: LabPeer) -> Path:
+        return self.workdir / f"{peer.name}.keys"
+
+    def write_keys(self) -> None:
+        """One key per pair of peers, each peer's file holding the keys of its links."""
+        tables: dict[str, list[str]] = {p.name: [] for p in self.peers}
+        for i, a in enumerate(self.peers):
+            for b in self.peers[i + 1:]:
+                key = seal.new_key()
+                tables[a.name] += [f"[keys.{b.name}]", f'1 = "{key}"']
+                tables[b.name] += [f"[keys.{a.name}]", f'1 = "{key}"']
+        for peer in self.peers:
+            path = self.keys_file(peer)
+            path.touch(mode=0o600)
+            path.write_text("\n".join(tables[peer.name]) + "\n")
 
     def add_namespaces(self) -> None:
         """Each peer's namespace, and a management veth pair into it from the root namespace

@@ -46,7 +46,7 @@ _LATENCY_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 
 # Delivery also covers packets that waited out an outage, up to transport.max_age (30 s).
 _DELIVERY_BUCKETS = (*_LATENCY_BUCKETS, 30.0)
 DROP_REASONS = ("no_route", "malformed", "queue_full", "too_old", "db_error", "tun_write",
-                "rate_limit")
+                "rate_limit", "unsealable")
 DIRECTIONS = ("tx", "rx")
 CAUSES = ("notify", "poll")
 
@@ -114,7 +114,8 @@ DROPPED = Counter("pgvpn_packets_dropped", "Packets not carried, by reason: no_r
                   "owns the destination), malformed, queue_full (oldest dropped while the "
                   "database was away), too_old (logged but older than transport.max_age), "
                   "db_error (batch refused by the database), tun_write (TUN refused it), "
-                  "rate_limit (over this agent's transport.rate_limit_packets/_bytes).",
+                  "rate_limit (over this agent's transport.rate_limit_packets/_bytes), "
+                  "unsealable (encrypted row that failed authentication or has an unknown key).",
                   ["reason"])
 
 BATCHES = Counter("pgvpn_insert_batches", "Sender transactions that logged a batch of packets "

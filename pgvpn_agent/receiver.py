@@ -16,7 +16,7 @@ import time
 import psycopg
 from psycopg import sql
 
-from pgvpn_agent import db, metrics
+from pgvpn_agent import db, metrics, seal
 from pgvpn_agent.config import Config
 from pgvpn_agent.schema import check_version
 from pgvpn_agent.tun import Tun
@@ -64,6 +64,7 @@ class Receiver:
         self.cursor: dict[int, int] = {}
         self.connected_once = False
         self.channel = "pgvpn_" + config.peer
+        self.sealer = seal.for_config(config)
         self.lag_at = 0.0
 
     def run(self) -> None:
@@ -105,6 +106,7 @@ class Receiver:
         max_age = self.config.transport.max_age
         links = sorted(self.cursor)
         write = self.tun.write
+        sealer = self.sealer
         while not self.stop.is_set():
             started = time.perf_counter()
             cur = self.conn.cursor(binary=True)
@@ -118,12 +120,19 @@ class Receiver:
             last: dict[int, int] = {}
             per_link: dict[int, list[int]] = {}
             delivered: list[float] = []
-            stale = refused = 0
+            stale = refused = unsealable = 0
             for src, seq, sent_at, payload in rows:
                 last[src] = seq
                 if now - sent_at > max_age:
                     stale += 1
                     continue
+                if sealer is not None:
+                    try:
+                        payload = sealer.open(self.names[src], seq, payload)
+                    except seal.Unsealable as exc:
+                        unsealable += 1
+                        log.warning("receiver: dropped a stored packet: %s", exc)
+                        continue
                 if not write(payload):
                     refused += 1
                     continue
@@ -143,6 +152,8 @@ class Receiver:
                 metrics.DROPPED.labels("too_old").inc(stale)
             if refused:
                 metrics.DROPPED.labels("tun_write").inc(refused)
+            if unsealable:
+                metrics.DROPPED.labels("unsealable").inc(unsealable)
             for src, (n, size) in per_link.items():
                 metrics.PACKETS.labels("rx", self.names[src]).inc(n)
                 metrics.BYTES.labels("rx", self.names[src]).inc(size)

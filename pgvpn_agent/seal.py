@@ -27,7 +27,7 @@ from pathlib import Path
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCMSIV
 
-from .config import ConfigError
+from .config import Config, ConfigError
 
 KEY_BYTES = 32
 NONCE_BYTES = 12
@@ -96,11 +96,18 @@ class Sealer:
             raise Unsealable(f"packet {seq} from peer {src} failed authentication") from None
 
 
+def for_config(config: Config) -> Sealer | None:
+    """The agent's sealer, or None when encryption at rest is off."""
+    if config.keys_file is None:
+        return None
+    return load(config.keys_file, config.peer, [p.name for p in config.peers])
+
+
 def load(path: str | os.PathLike[str], me: str, peers: list[str]) -> Sealer:
-    """Read a keys file: one table per other peer, key id = base64 key.
+    """Read a keys file: one table per other peer, key id = key.
 
         [keys.peer2]
-        1 = "base64 of 32 random bytes"
+        1 = "base64 of 32 random bytes, or 64 hex digits"
     """
     where = f"encryption.keys_file {path}"
     try:
@@ -128,13 +135,22 @@ def _link(where: str, peer: str, table: object) -> LinkKeys:
     for key_id, value in table.items():
         if not key_id.isdigit() or not 0 <= int(key_id) <= 255:
             raise KeysFileError(f"{where}: keys.{peer}.{key_id}: key ids are integers 0-255")
-        try:
-            key = base64.b64decode(value, validate=True) if isinstance(value, str) else b""
-        except binascii.Error:
-            key = b""
+        key = _decode(value)
         if len(key) != KEY_BYTES:
             raise KeysFileError(
-                f"{where}: keys.{peer}.{key_id}: expected base64 of {KEY_BYTES} bytes "
-                "(generate one with `pgvpn keygen`)")
+                f"{where}: keys.{peer}.{key_id}: expected {KEY_BYTES} bytes in base64 or "
+                f"{2 * KEY_BYTES} hex digits (generate one with `pgvpn keygen`)")
         keys[int(key_id)] = AESGCMSIV(key)
     return LinkKeys(keys)
+
+
+def _decode(value: object) -> bytes:
+    """Base64 (`pgvpn keygen`) or hex (what Ansible's password lookup makes)."""
+    if not isinstance(value, str):
+        return b""
+    try:
+        if len(value) == 2 * KEY_BYTES:
+            return bytes.fromhex(value)
+        return base64.b64decode(value, validate=True)
+    except (binascii.Error, ValueError):
+        return b""

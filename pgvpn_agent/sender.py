@@ -16,7 +16,7 @@ from collections import deque
 
 import psycopg
 
-from pgvpn_agent import db, metrics, wire
+from pgvpn_agent import db, metrics, seal, wire
 from pgvpn_agent.config import Config
 from pgvpn_agent.packet import MalformedPacket, parse
 from pgvpn_agent.ratelimit import RateLimit
@@ -39,6 +39,7 @@ class Sender:
         self.stop = stop
         self.routes = config.route_table()
         self.rate_limit = RateLimit.from_config(config)
+        self.sealer = seal.for_config(config)
         self.queue: deque[Captured] = deque()
         self.pending: list[Captured] = []
         self.conn: db.Conn | None = None
@@ -121,6 +122,7 @@ class Sender:
         assert self.conn is not None
         routes = self.routes
         ids = self.ids
+        sealer = self.sealer
         next_seq = dict(self.tx_seq)
         counts: dict[int, list[int]] = {}
         r_dst: list[int] = []
@@ -170,7 +172,7 @@ class Sender:
             r_dport.append(h.dst_port)
             r_len.append(h.length)
             r_frag.append(h.fragment)
-            r_payload.append(packet)
+            r_payload.append(packet if sealer is None else sealer.seal(peer, seq, packet))
         if malformed:
             metrics.DROPPED.labels("malformed").inc(malformed)
         if no_route:

@@ -100,7 +100,7 @@ def test_rotation_seals_with_the_newest_key_and_opens_with_any(tmp_path: Path) -
     ("[keys.peer2]\n1 = \"{k}\"\n[keys.peer3]\n1 = \"{k}\"\n[keys.peer9]\n1 = \"{k}\"\n",
      r"unknown peers \['peer9'\]"),
     ("[keys.peer2]\n1 = \"{k}\"\n[keys.peer3]\n1 = \"c2hvcnQ=\"\n",
-     r"keys.peer3.1: expected base64 of 32 bytes"),
+     r"keys.peer3.1: expected 32 bytes in base64 or 64 hex digits"),
     ("[keys.peer2]\n1 = \"{k}\"\n[keys.peer3]\nx = \"{k}\"\n", r"keys.peer3.x: key ids"),
     ("[keys.peer2]\n1 = \"{k}\"\n[keys.peer3]\n300 = \"{k}\"\n", r"keys.peer3.300: key ids"),
     ("[keys.peer2\n", "not valid TOML"),
@@ -110,6 +110,13 @@ def test_bad_keys_files_are_named(tmp_path: Path, content: str, message: str) ->
     path.write_text(content.replace("{k}", seal.new_key()))
     with pytest.raises(ConfigError, match=message):
         seal.load(path, "peer1", PEERS)
+
+
+def test_hex_keys_are_accepted(tmp_path: Path) -> None:
+    hex_key = "0123456789abcdefABCDEF" * 2 + "00112233445566778899"
+    a = seal.load(keys_file(tmp_path, "a", {"b": {1: hex_key}}), "a", ["a", "b"])
+    b = seal.load(keys_file(tmp_path, "b", {"a": {1: hex_key}}), "b", ["a", "b"])
+    assert b.open("a", 3, a.seal("b", 3, b"packet")) == b"packet"
 
 
 def test_a_missing_keys_file_is_named(tmp_path: Path) -> None:
