@@ -253,15 +253,28 @@ def _pcap(args: argparse.Namespace) -> int:
     from pgvpn_agent.pcap import PcapWriter
 
     f = _filter(args)
+    # A peer's config opens what was sealed for that peer (its role reads only those rows).
+    sealer = seal.for_config(configuration.load(args.config)) if args.config else None
+    unsealable = 0
     out = sys.stdout.buffer if args.output == "-" else open(args.output, "wb")  # noqa: SIM115
     try:
         writer = PcapWriter(out)
         with _log_conn(args) as conn:
             for r in logquery.rows(conn, f, payload=True):
-                writer.write(r[1], bytes(r[-1]))
+                packet = bytes(r[-1])
+                if sealer is not None:
+                    try:
+                        packet = sealer.open(r[2], r[4], packet)
+                    except seal.Unsealable:
+                        unsealable += 1
+                        continue
+                writer.write(r[1], packet)
     finally:
         if out is not sys.stdout.buffer:
             out.close()
+    if unsealable:
+        print(f"{unsealable} sealed packets could not be opened with this peer's keys "
+              "and were left out", file=sys.stderr)
     if args.output != "-":
         print(f"{writer.count} packets written to {args.output}", file=sys.stderr)
     return 0

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
+
 import pytest
 
 from tests.integration.stream import Stream, eventually
@@ -9,6 +12,7 @@ from tests.integration.stream import Stream, eventually
 pytestmark = pytest.mark.integration
 
 PORT = 7788
+PGVPN = [sys.executable, "-m", "pgvpn_agent"]
 
 
 def test_sealed_log_still_carries_ping_and_iperf3(make_lab):
@@ -35,6 +39,17 @@ def test_sealed_log_still_carries_ping_and_iperf3(make_lab):
     plain = lab.psql("SELECT count(*) FROM pgvpn.packet "
                      "WHERE position('....................'::bytea IN payload) > 0")
     assert plain == "0", "no stored payload contains the datagrams' text"
+
+    # The receiving peer's config opens its packets for a pcap export that tshark reads.
+    export = subprocess.run([*PGVPN, "pcap", "--config", b.config, "--port", str(PORT), "-o", "-"],
+                            check=True, capture_output=True)
+    fields = subprocess.run(["tshark", "-r", "-", "-T", "fields", "-e", "udp.dstport",
+                             "-e", "data.data"], input=export.stdout, check=True,
+                            capture_output=True).stdout.decode().splitlines()
+    assert len(fields) == 10
+    port, data = fields[0].split("\t")
+    assert port == str(PORT)
+    assert bytes.fromhex(data.replace(":", "")).startswith(b"1 ....")
 
 
 def test_tampered_or_moved_rows_are_dropped_not_delivered(make_lab):
