@@ -67,6 +67,16 @@ class Stream:
         return list(self.received)
 
 
+def deliver(lab: Lab, src: LabPeer, dst: LabPeer, port: int, count: int,
+            v6: bool = False) -> list[int]:
+    """Send datagrams 1..count and return, sorted, the numbers that arrived within 10 s."""
+    stream = Stream(lab, src, dst, port=port, v6=v6)
+    for n in range(1, count + 1):
+        stream.send(n)
+    stream.wait_count(count, timeout=10)
+    return sorted(stream.close())
+
+
 def eventually(check: Callable[[], None], timeout: float = 10.0) -> None:
     """Retry an assertion until it holds: packets still in flight settle within moments."""
     deadline = time.monotonic() + timeout

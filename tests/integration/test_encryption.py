@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from tests.integration.stream import Stream, eventually
+from tests.integration.stream import Stream, deliver, eventually
 
 pytestmark = pytest.mark.integration
 
@@ -22,11 +22,7 @@ def test_sealed_log_still_carries_ping_and_iperf3(make_lab):
     report = lab.iperf(a, b, seconds=2)
     assert report["end"]["sum_received"]["bytes"] > 0
 
-    stream = Stream(lab, a, b, port=PORT)
-    for n in range(1, 11):
-        stream.send(n)
-    stream.wait_count(10, timeout=10)
-    assert sorted(stream.close()) == list(range(1, 11))
+    assert deliver(lab, a, b, PORT, 10) == list(range(1, 11))
     rows = lab.psql(
         "SELECT protocol, dst_port, length, length(payload), get_byte(payload, 0), "
         "position('1 ....'::bytea IN payload) FROM pgvpn.packet "

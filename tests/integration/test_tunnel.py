@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from pgvpn_agent.lab import LabPeer
-from tests.integration.stream import Stream, eventually
+from tests.integration.stream import deliver, eventually
 
 pytestmark = pytest.mark.integration
 
@@ -75,11 +75,7 @@ def test_iperf3_tcp_every_packet_is_one_row(make_lab):
 def test_known_udp_packets_are_destructured(make_lab, v6):
     lab = make_lab(peers=2)
     a, b = lab.peers
-    stream = Stream(lab, a, b, port=7777, v6=v6)
-    for n in range(1, 21):
-        stream.send(n)
-    stream.wait_count(20, timeout=10)
-    assert sorted(stream.close()) == list(range(1, 21))
+    assert deliver(lab, a, b, 7777, 20, v6=v6) == list(range(1, 21))
     rows = lab.psql(
         "SELECT ip_version, host(src_addr), host(dst_addr), protocol, dst_port, length, "
         "fragment, length(payload) FROM pgvpn.packet WHERE dst_port = 7777 ORDER BY seq")
