@@ -17,7 +17,7 @@ from typing import Any
 import psycopg
 from psycopg_pool import ConnectionPool, PoolTimeout
 
-from pgvpn_agent import db, wire
+from pgvpn_agent import db, metrics, wire
 from pgvpn_agent.config import Config
 
 log = logging.getLogger(__name__)
@@ -44,6 +44,8 @@ def retention(keep_days: int | None, max_bytes: int | None) -> Job:
     def run(conn: db.Conn) -> None:
         for part, day, size, reason in apply_retention(conn, keep_days, max_bytes):
             log.info("retention: dropped %s (%s, %.1f MB) by %s", part, day, size / 1e6, reason)
+            metrics.RETENTION_DROPPED.labels(reason).inc()
+            metrics.RETENTION_FREED.labels(reason).inc(size)
 
     return run
 
@@ -63,10 +65,11 @@ class Housekeeping:
             conninfo, kwargs=kwargs, min_size=0, max_size=2, open=False, name="housekeeping",
             configure=wire.register, timeout=config.database.connect_timeout)
         self.workers = ThreadPoolExecutor(max_workers=2, thread_name_prefix="housekeeping")
-        self.jobs = [Periodic("partitions", 3600.0, ensure_partitions)]
         r = config.retention
-        if r.keep_days is not None or r.max_bytes is not None:
-            self.jobs.append(Periodic("retention", r.every, retention(r.keep_days, r.max_bytes)))
+        every = {"partitions": 3600.0, "retention": r.every}
+        run = {"partitions": ensure_partitions, "retention": retention(r.keep_days, r.max_bytes)}
+        self.jobs = [Periodic(name, every[name], run[name])
+                     for name in metrics.housekeeping_jobs(config)]
 
     def run(self) -> None:
         self.pool.open()
@@ -86,7 +89,10 @@ class Housekeeping:
             with self.pool.connection() as conn:
                 job.run(conn)
             job.due = time.monotonic() + job.every
+            metrics.HOUSEKEEPING_RUNS.labels(job.name, "ok").inc()
+            metrics.HOUSEKEEPING_LAST_OK.labels(job.name).set(time.time())
         except (psycopg.Error, PoolTimeout, OSError) as exc:
+            metrics.HOUSEKEEPING_RUNS.labels(job.name, "failed").inc()
             job.due = time.monotonic() + min(60.0, job.every)
             log.warning("housekeeping: %s failed (%s); next try in %.0fs", job.name,
                         db.describe(exc), job.due - time.monotonic())

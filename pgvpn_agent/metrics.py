@@ -47,6 +47,7 @@ _LATENCY_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 
 _DELIVERY_BUCKETS = (*_LATENCY_BUCKETS, 30.0)
 DROP_REASONS = ("no_route", "malformed", "queue_full", "too_old", "db_error", "tun_write",
                 "rate_limit", "unsealable")
+RETENTION_REASONS = ("age", "size")
 DIRECTIONS = ("tx", "rx")
 CAUSES = ("notify", "poll")
 
@@ -155,6 +156,18 @@ RECONNECTS = Counter("pgvpn_db_reconnects", "Database connections re-established
 DB_UP = Gauge("pgvpn_db_up", "1 while the direction's database connection is usable.",
               ["direction"])
 
+RETENTION_DROPPED = Counter("pgvpn_retention_partitions_dropped", "Day partitions of the packet "
+                            "log this agent's retention job dropped, by reason (age: older than "
+                            "retention.keep_days; size: over retention.max_size).", ["reason"])
+RETENTION_FREED = Counter("pgvpn_retention_freed_bytes", "Bytes of packet log (table, indexes, "
+                          "TOAST) freed by those drops, by reason.", ["reason"])
+HOUSEKEEPING_RUNS = Counter("pgvpn_housekeeping_runs", "Housekeeping job runs (partitions ahead "
+                            "of time, retention), by job and result (ok, failed).",
+                            ["job", "result"])
+HOUSEKEEPING_LAST_OK = Gauge("pgvpn_housekeeping_last_success_timestamp_seconds", "Unix time of "
+                             "each housekeeping job's last successful run (0: none yet).",
+                             ["job"])
+
 
 def start(config: Config) -> None:
     """Publish the agent's identity, give every bounded label its series, serve if enabled.
@@ -176,8 +189,22 @@ def start(config: Config) -> None:
     RATE_LIMIT_BYTES.set(config.transport.rate_limit_bytes)
     for cause in CAUSES:
         WAKEUPS.labels(cause)
+    for reason in RETENTION_REASONS:
+        RETENTION_DROPPED.labels(reason)
+        RETENTION_FREED.labels(reason)
+    for job in housekeeping_jobs(config):
+        HOUSEKEEPING_LAST_OK.labels(job)
+        for result in ("ok", "failed"):
+            HOUSEKEEPING_RUNS.labels(job, result)
     if config.metrics.enabled:
         start_http_server(config.metrics.port, config.metrics.address)
+
+
+def housekeeping_jobs(config: Config) -> list[str]:
+    """The jobs an agent with this config runs: partitions always, retention if configured."""
+    r = config.retention
+    configured = r.keep_days is not None or r.max_bytes is not None
+    return ["partitions", "retention"] if configured else ["partitions"]
 
 
 def _version() -> str:

@@ -6,10 +6,11 @@ import subprocess
 import sys
 import threading
 import time
+from pathlib import Path
 
 import pytest
 
-from tests.integration.stream import Stream
+from tests.integration.stream import Stream, eventually
 
 pytestmark = pytest.mark.integration
 PGVPN = [sys.executable, "-m", "pgvpn_agent"]
@@ -70,3 +71,26 @@ def test_retention_while_traffic_flows(make_lab):
     left = lab.psql("SELECT string_agg(partition, ',') FROM pgvpn.partitions() "
                     "WHERE day < current_date")
     assert left == ""
+
+
+def test_agent_runs_retention_and_reports_each_drop(make_lab):
+    lab = make_lab(peers=2)
+    a, b = lab.peers
+    for day in ("2020-01-01", "2020-01-02"):
+        old_partition(lab, day, rows=500)
+    lab.stop_agent(b)
+    with open(b.config, "a") as f:
+        f.write("\n[retention]\nkeep_days = 7\nevery = 10\n")
+    lab.start_agent(b)
+    lab.wait_mesh(30)
+
+    def dropped() -> None:
+        m = lab.agent_metrics(b)
+        assert m.get('pgvpn_retention_partitions_dropped_total{reason="age"}') == 2, m
+        assert m['pgvpn_retention_freed_bytes_total{reason="age"}'] > 2 * 500 * 1000
+        assert m['pgvpn_housekeeping_last_success_timestamp_seconds{job="retention"}'] > 0
+    eventually(dropped, timeout=30)
+    log = Path(b.log).read_text()
+    assert "retention: dropped packet_20200101" in log and "by age" in log
+    assert lab.ping(a, b, count=2)
+    assert lab.psql("SELECT count(*) FROM pgvpn.partitions() WHERE day < current_date") == "0"
