@@ -40,6 +40,12 @@ def ensure_partitions(conn: db.Conn) -> None:
         log.info("created %d packet partitions ahead of time", row[0])
 
 
+def index_closed_days(conn: db.Conn) -> None:
+    row = conn.execute("SELECT pgvpn.index_closed_days()").fetchone()
+    if row and row[0]:
+        log.info("created %d address and port indexes on closed days of the log", row[0])
+
+
 def retention(keep_days: int | None, max_bytes: int | None) -> Job:
     def run(conn: db.Conn) -> None:
         for part, day, size, reason in apply_retention(conn, keep_days, max_bytes):
@@ -66,8 +72,9 @@ class Housekeeping:
             configure=wire.register, timeout=config.database.connect_timeout)
         self.workers = ThreadPoolExecutor(max_workers=2, thread_name_prefix="housekeeping")
         r = config.retention
-        every = {"partitions": 3600.0, "retention": r.every}
-        run = {"partitions": ensure_partitions, "retention": retention(r.keep_days, r.max_bytes)}
+        every = {"partitions": 3600.0, "indexes": 3600.0, "retention": r.every}
+        run = {"partitions": ensure_partitions, "indexes": index_closed_days,
+               "retention": retention(r.keep_days, r.max_bytes)}
         self.jobs = [Periodic(name, every[name], run[name])
                      for name in metrics.housekeeping_jobs(config)]
 

@@ -162,7 +162,8 @@ RETENTION_DROPPED = Counter("pgvpn_retention_partitions_dropped", "Day partition
 RETENTION_FREED = Counter("pgvpn_retention_freed_bytes", "Bytes of packet log (table, indexes, "
                           "TOAST) freed by those drops, by reason.", ["reason"])
 HOUSEKEEPING_RUNS = Counter("pgvpn_housekeeping_runs", "Housekeeping job runs (partitions ahead "
-                            "of time, retention), by job and result (ok, failed).",
+                            "of time, indexes on closed days, retention), by job and result "
+                            "(ok, failed).",
                             ["job", "result"])
 HOUSEKEEPING_LAST_OK = Gauge("pgvpn_housekeeping_last_success_timestamp_seconds", "Unix time of "
                              "each housekeeping job's last successful run (0: none yet).",
@@ -201,10 +202,10 @@ def start(config: Config) -> None:
 
 
 def housekeeping_jobs(config: Config) -> list[str]:
-    """The jobs an agent with this config runs: partitions always, retention if configured."""
+    """The jobs an agent with this config runs: partitions and indexes ahead, retention if set."""
     r = config.retention
     configured = r.keep_days is not None or r.max_bytes is not None
-    return ["partitions", "retention"] if configured else ["partitions"]
+    return ["partitions", "indexes", *(["retention"] if configured else [])]
 
 
 def _version() -> str:
