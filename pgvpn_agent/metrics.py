@@ -46,7 +46,7 @@ _LATENCY_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 
 # Delivery also covers packets that waited out an outage, up to transport.max_age (30 s).
 _DELIVERY_BUCKETS = (*_LATENCY_BUCKETS, 30.0)
 DROP_REASONS = ("no_route", "malformed", "queue_full", "too_old", "db_error", "tun_write",
-                "rate_limit", "unsealable")
+                "rate_limit", "unsealable", "disk_full")
 RETENTION_REASONS = ("age", "size")
 DIRECTIONS = ("tx", "rx")
 CAUSES = ("notify", "poll")
@@ -116,7 +116,8 @@ DROPPED = Counter("pgvpn_packets_dropped", "Packets not carried, by reason: no_r
                   "database was away), too_old (logged but older than transport.max_age), "
                   "db_error (batch refused by the database), tun_write (TUN refused it), "
                   "rate_limit (over this agent's transport.rate_limit_packets/_bytes), "
-                  "unsealable (encrypted row that failed authentication or has an unknown key).",
+                  "unsealable (encrypted row that failed authentication or has an unknown key), "
+                  "disk_full (the database's disk is full: not logged).",
                   ["reason"])
 
 BATCHES = Counter("pgvpn_insert_batches", "Sender transactions that logged a batch of packets "
@@ -153,6 +154,8 @@ LAG_SECONDS = Gauge("pgvpn_cursor_lag_seconds", "Age of the oldest packet logged
 
 RECONNECTS = Counter("pgvpn_db_reconnects", "Database connections re-established after a loss, "
                      "by direction (tx: sender, rx: receiver).", ["direction"])
+DB_DISK_FULL = Gauge("pgvpn_db_disk_full", "1 while the database refuses this agent's inserts "
+                     "for lack of disk space (new packets are dropped as disk_full).")
 DB_UP = Gauge("pgvpn_db_up", "1 while the direction's database connection is usable.",
               ["direction"])
 

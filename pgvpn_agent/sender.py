@@ -24,6 +24,7 @@ from pgvpn_agent.schema import check_version
 from pgvpn_agent.tun import Tun
 
 log = logging.getLogger(__name__)
+DISK_FULL = "53100"
 
 SEND_BATCH = "SELECT pgvpn.send_batch(%b::int2, " + ", ".join(["%b"] * 16) + ")"
 NOTIFY_PAYLOADS = "SELECT pg_notify(c, m) FROM unnest(%b::text[], %b::text[]) AS t (c, m)"
@@ -44,6 +45,8 @@ class Sender:
         self.pending: list[Captured] = []
         self.conn: db.Conn | None = None
         self.backoff = db.Backoff()
+        # Paces retries while the database's disk is full (the connection itself is fine).
+        self.no_space = db.Backoff(first=0.5)
         self.ids: dict[str, int] = {}
         self.names: dict[int, str] = {}
         self.tx_seq: dict[int, int] = {}
@@ -60,12 +63,14 @@ class Sender:
                     self._connect()
                 if self.conn is None:
                     timeout = min(poll, self.backoff.wait_time())
+                elif not self.no_space.due():
+                    timeout = min(poll, self.no_space.wait_time())
                 else:
                     timeout = 0.0 if self.queue or self.pending else poll
                 ready, _, _ = select.select([fd], [], [], timeout)
                 if ready:
                     self._drain()
-                if self.conn is not None:
+                if self.conn is not None and self.no_space.due():
                     self._flush()
         finally:
             if self.conn is not None:
@@ -74,7 +79,8 @@ class Sender:
 
     def _drain(self) -> None:
         """Read what the kernel has queued; while the database is away keep only the newest."""
-        limit = self.config.transport.batch_max if self.conn is not None else None
+        writing = self.conn is not None and self.no_space.due()
+        limit = self.config.transport.batch_max if writing else None
         queue = self.queue
         cap = self.config.transport.queue_max
         read = self.tun.read
@@ -109,13 +115,37 @@ class Sender:
             try:
                 self._send(self.pending)
             except psycopg.Error as exc:
-                if self._lost(exc):
+                if self._out_of_space(exc) or self._lost(exc):
                     return
                 log.error("sender: batch of %d packets refused by the database: %s",
                           len(self.pending), db.describe(exc))
                 metrics.DROPPED.labels("db_error").inc(len(self.pending))
+            else:
+                if self.no_space.attempt:
+                    log.warning("sender: the database has disk space again; logging resumed")
+                    self.no_space.succeeded()
+                    metrics.DB_DISK_FULL.set(0)
             self.pending = []
         metrics.QUEUE_DEPTH.set(len(self.queue))
+
+    def _out_of_space(self, exc: psycopg.Error) -> bool:
+        """Disk full: drop the batch (it was not logged), pause, retry; nothing logged is lost.
+
+        PostgreSQL rolls the failed insert back cleanly; what the agent must not do is queue
+        packets that would be stale by the time space is freed, or retry in a busy loop.
+        """
+        assert self.conn is not None
+        if exc.sqlstate != DISK_FULL or self.conn.closed:
+            return False
+        if not self.no_space.attempt:
+            log.error("sender: the database's disk is full (%s): new packets are dropped and "
+                      "counted (reason disk_full) until space is freed; everything logged so far "
+                      "is intact", db.describe(exc))
+        self.no_space.failed()
+        metrics.DB_DISK_FULL.set(1)
+        metrics.DROPPED.labels("disk_full").inc(len(self.pending))
+        self.pending = []
+        return True
 
     def _send_rows(self, batch: list[Captured]) -> None:
         """Log a batch; tx_seq only advances once the commit is known to have happened."""
