@@ -46,13 +46,13 @@ def run(config: Config) -> int:
         )
         metrics.start(config)
         _on_signals(lambda: stop.set())
+        sender = Sender(config, tun, stop)
         workers = [
-            threading.Thread(target=_guard(Sender(config, tun, stop).run, stop, failed),
-                             name="sender"),
+            threading.Thread(target=_guard(sender.run, stop, failed), name="sender"),
             threading.Thread(target=_guard(Receiver(config, tun, stop).run, stop, failed),
                              name="receiver"),
-            threading.Thread(target=_guard(Housekeeping(config, stop).run, stop, failed),
-                             name="housekeeping"),
+            threading.Thread(target=_guard(Housekeeping(config, stop, sender.disk_full).run, stop,
+                                           failed), name="housekeeping"),
         ]
         for w in workers:
             w.start()

@@ -21,6 +21,7 @@ from psycopg.conninfo import conninfo_to_dict
 from pgvpn_agent.routing import RouteTable, RoutingError
 
 MODES = ("logged", "trigger", "payload")
+ON_DISK_FULL = ("drop_new", "drop_oldest")
 # libpq's sslmode values, weakest first; only verify-full authenticates the server by name.
 SSLMODES = ("disable", "allow", "prefer", "require", "verify-ca", "verify-full")
 _TLS_KEYS = ("sslmode", "sslrootcert", "sslcert", "sslkey")
@@ -124,6 +125,10 @@ class Retention:
     keep_days: int | None = None
     max_bytes: int | None = None
     every: float = 300.0
+    # What frees space when the database refuses inserts for a full disk: drop_new drops the
+    # packets that cannot be logged and waits for the operator; drop_oldest also drops the
+    # oldest closed day of the log (one per try) until inserts succeed again.
+    on_disk_full: str = "drop_new"
 
 
 @dataclass(frozen=True)
@@ -315,7 +320,7 @@ _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]?)B?\s*$", re.IGNORECASE)
 
 
 def parse_retention(raw: dict[str, Any]) -> Retention:
-    _known(raw, "retention.", {"keep_days", "max_size", "every"})
+    _known(raw, "retention.", {"keep_days", "max_size", "every", "on_disk_full"})
     keep = raw.get("keep_days")
     if keep is not None:
         keep = _int(raw, "retention.", "keep_days", 0, lo=1, hi=36_500)
@@ -328,7 +333,11 @@ def parse_retention(raw: dict[str, Any]) -> Retention:
         scale = 1024 ** " KMGT".index(match.group(2).upper() or " ")
         max_bytes = int(float(match.group(1)) * scale)
     every = _num(raw, "retention.", "every", 300.0, lo=10, hi=86_400)
-    return Retention(keep_days=keep, max_bytes=max_bytes, every=every)
+    on_disk_full = _str(raw, "retention.", "on_disk_full", default="drop_new")
+    if on_disk_full not in ON_DISK_FULL:
+        raise ConfigError(f"retention.on_disk_full: {on_disk_full!r} is not one of "
+                          f"{', '.join(ON_DISK_FULL)}")
+    return Retention(keep_days=keep, max_bytes=max_bytes, every=every, on_disk_full=on_disk_full)
 
 
 def _peers(raw: dict[str, Any]) -> tuple[Peer, ...]:

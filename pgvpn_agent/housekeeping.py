@@ -48,12 +48,48 @@ def index_closed_days(conn: db.Conn) -> None:
 
 def retention(keep_days: int | None, max_bytes: int | None) -> Job:
     def run(conn: db.Conn) -> None:
-        for part, day, size, reason in apply_retention(conn, keep_days, max_bytes):
-            log.info("retention: dropped %s (%s, %.1f MB) by %s", part, day, size / 1e6, reason)
-            metrics.RETENTION_DROPPED.labels(reason).inc()
-            metrics.RETENTION_FREED.labels(reason).inc(size)
+        _report(apply_retention(conn, keep_days, max_bytes))
 
     return run
+
+
+class FreeSpace:
+    """retention.on_disk_full = "drop_oldest": make room when the sender's inserts hit a full disk.
+
+    One oldest closed day per failure the sender reports: after a drop the signal is cleared,
+    and only a further failed insert (the disk is still full) asks for the next day. So an idle
+    tunnel drops nothing more, and a disk filled by something other than the log costs one day
+    per try, each logged and counted, not the whole log at once.
+    """
+
+    def __init__(self, disk_full: threading.Event) -> None:
+        self.disk_full = disk_full
+        self.warned = False
+
+    def __call__(self, conn: db.Conn) -> None:
+        if not self.disk_full.is_set():
+            self.warned = False
+            return
+        row = conn.execute("SELECT coalesce(sum(bytes), 0) FROM pgvpn.partitions()").fetchone()
+        assert row is not None
+        # a budget one byte under the log's size: apply_retention drops exactly the oldest day
+        if _report(apply_retention(conn, None, int(row[0]) - 1), "disk_full"):
+            self.disk_full.clear()
+        elif not self.warned:
+            self.warned = True
+            log.warning("retention: the database's disk is full and no day of the log could be "
+                        "dropped (only the current day is left, or another agent's retention "
+                        "run holds the lock); packets are dropped until space is freed")
+
+
+def _report(dropped: list[tuple[Any, ...]], reason: str | None = None) -> int:
+    """Log and count each dropped partition; `reason` overrides the database's (age, size)."""
+    for part, day, size, why in dropped:
+        why = reason or why
+        log.info("retention: dropped %s (%s, %.1f MB) by %s", part, day, size / 1e6, why)
+        metrics.RETENTION_DROPPED.labels(why).inc()
+        metrics.RETENTION_FREED.labels(why).inc(size)
+    return len(dropped)
 
 
 def apply_retention(conn: db.Conn, keep_days: int | None,
@@ -63,7 +99,8 @@ def apply_retention(conn: db.Conn, keep_days: int | None,
 
 
 class Housekeeping:
-    def __init__(self, config: Config, stop: threading.Event) -> None:
+    def __init__(self, config: Config, stop: threading.Event,
+                 disk_full: threading.Event) -> None:
         self.stop = stop
         kwargs = db.connect_kwargs(config.database, f"pgvpn-{config.peer}-jobs")
         conninfo = kwargs.pop("conninfo")
@@ -72,9 +109,12 @@ class Housekeeping:
             configure=wire.register, timeout=config.database.connect_timeout)
         self.workers = ThreadPoolExecutor(max_workers=2, thread_name_prefix="housekeeping")
         r = config.retention
-        every = {"partitions": 3600.0, "indexes": 3600.0, "retention": r.every}
-        run = {"partitions": ensure_partitions, "indexes": index_closed_days,
-               "retention": retention(r.keep_days, r.max_bytes)}
+        # free_space only acts while the sender reports a full disk; it checks often so the
+        # tunnel is back within seconds of a drop.
+        every = {"partitions": 3600.0, "indexes": 3600.0, "retention": r.every, "free_space": 5.0}
+        run: dict[str, Job] = {"partitions": ensure_partitions, "indexes": index_closed_days,
+                               "retention": retention(r.keep_days, r.max_bytes),
+                               "free_space": FreeSpace(disk_full)}
         self.jobs = [Periodic(name, every[name], run[name])
                      for name in metrics.housekeeping_jobs(config)]
 
@@ -92,6 +132,7 @@ class Housekeeping:
             self.pool.close()
 
     def _run(self, job: Periodic) -> None:
+        started = time.monotonic()
         try:
             with self.pool.connection() as conn:
                 job.run(conn)
@@ -103,3 +144,5 @@ class Housekeeping:
             job.due = time.monotonic() + min(60.0, job.every)
             log.warning("housekeeping: %s failed (%s); next try in %.0fs", job.name,
                         db.describe(exc), job.due - time.monotonic())
+        finally:
+            metrics.HOUSEKEEPING_SECONDS.labels(job.name).set(time.monotonic() - started)

@@ -67,34 +67,25 @@ def check_addr(text: str) -> str:
         raise FilterError(f"--addr: {text!r} is not an address or prefix") from None
 
 
-def query(f: Filter, payload: bool = False) -> tuple[sql.Composed, list[Any]]:
-    """The SELECT for a filter; each condition maps onto an index or a partition bound."""
-    where: list[sql.Composable] = []
-    params: list[Any] = []
-    if f.peer:
-        where.append(sql.SQL("(s.name = %s OR d.name = %s)"))
-        params += [f.peer, f.peer]
-    if f.src_peer:
-        where.append(sql.SQL("s.name = %s"))
-        params.append(f.src_peer)
-    if f.dst_peer:
-        where.append(sql.SQL("d.name = %s"))
-        params.append(f.dst_peer)
-    if f.addr:
-        where.append(sql.SQL("(p.src_addr <<= %s::inet OR p.dst_addr <<= %s::inet)"))
-        params += [f.addr, f.addr]
-    if f.port is not None:
-        where.append(sql.SQL("(p.src_port = %s OR p.dst_port = %s)"))
-        params += [f.port, f.port]
-    if f.protocol is not None:
-        where.append(sql.SQL("p.protocol = %s"))
-        params.append(f.protocol)
-    if f.since:
-        where.append(sql.SQL("p.logged_at >= %s"))
-        params.append(f.since)
-    if f.until:
-        where.append(sql.SQL("p.logged_at < %s"))
-        params.append(f.until)
+# One condition per filter field, with named placeholders: a value compared with either end of
+# a packet is sent once. Addresses and ports match the closed days' indexes (the OR of two
+# columns becomes a BitmapOr of two index scans), times the partition bounds and BRIN index.
+_CONDITIONS = {
+    "peer": "(s.name = %(peer)s OR d.name = %(peer)s)",
+    "src_peer": "s.name = %(src_peer)s",
+    "dst_peer": "d.name = %(dst_peer)s",
+    "addr": "(p.src_addr <<= %(addr)s::inet OR p.dst_addr <<= %(addr)s::inet)",
+    "port": "(p.src_port = %(port)s OR p.dst_port = %(port)s)",
+    "protocol": "p.protocol = %(protocol)s",
+    "since": "p.logged_at >= %(since)s",
+    "until": "p.logged_at < %(until)s",
+}
+
+
+def query(f: Filter, payload: bool = False) -> tuple[sql.Composed, dict[str, Any]]:
+    """The SELECT for a filter and its parameters (only the fields that are set)."""
+    params = {k: getattr(f, k) for k in _CONDITIONS if getattr(f, k) is not None}
+    where = [sql.SQL(_CONDITIONS[k]) for k in params]
     columns: sql.Composable = sql.SQL(
         "p.logged_at, p.sent_at, s.name, d.name, p.seq, p.ip_version, host(p.src_addr), "
         "p.src_port, host(p.dst_addr), p.dst_port, p.protocol, p.length")
@@ -106,8 +97,8 @@ def query(f: Filter, payload: bool = False) -> tuple[sql.Composed, list[Any]]:
         q = q + sql.SQL(" WHERE ") + sql.SQL(" AND ").join(where)
     q = q + sql.SQL(" ORDER BY p.logged_at, p.src_peer, p.seq")
     if f.limit is not None:
-        q = q + sql.SQL(" LIMIT %s")
-        params.append(f.limit)
+        q = q + sql.SQL(" LIMIT %(limit)s")
+        params["limit"] = f.limit
     return q, params
 
 

@@ -47,7 +47,7 @@ _LATENCY_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 
 _DELIVERY_BUCKETS = (*_LATENCY_BUCKETS, 30.0)
 DROP_REASONS = ("no_route", "malformed", "queue_full", "too_old", "db_error", "tun_write",
                 "rate_limit", "unsealable", "disk_full")
-RETENTION_REASONS = ("age", "size")
+RETENTION_REASONS = ("age", "size", "disk_full")
 DIRECTIONS = ("tx", "rx")
 CAUSES = ("notify", "poll")
 
@@ -161,15 +161,21 @@ DB_UP = Gauge("pgvpn_db_up", "1 while the direction's database connection is usa
 
 RETENTION_DROPPED = Counter("pgvpn_retention_partitions_dropped", "Day partitions of the packet "
                             "log this agent's retention job dropped, by reason (age: older than "
-                            "retention.keep_days; size: over retention.max_size).", ["reason"])
+                            "retention.keep_days; size: over retention.max_size; disk_full: the "
+                            "oldest day, to make room for inserts, retention.on_disk_full = "
+                            "\"drop_oldest\").", ["reason"])
 RETENTION_FREED = Counter("pgvpn_retention_freed_bytes", "Bytes of packet log (table, indexes, "
                           "TOAST) freed by those drops, by reason.", ["reason"])
 HOUSEKEEPING_RUNS = Counter("pgvpn_housekeeping_runs", "Housekeeping job runs (partitions ahead "
-                            "of time, indexes on closed days, retention), by job and result "
-                            "(ok, failed).",
+                            "of time, indexes on closed days, retention, free_space on a full "
+                            "disk), by job and result (ok, failed).",
                             ["job", "result"])
 HOUSEKEEPING_LAST_OK = Gauge("pgvpn_housekeeping_last_success_timestamp_seconds", "Unix time of "
                              "each housekeeping job's last successful run (0: none yet).",
+                             ["job"])
+HOUSEKEEPING_SECONDS = Gauge("pgvpn_housekeeping_last_duration_seconds", "Wall time of each "
+                             "housekeeping job's last run, successful or not (a retention run "
+                             "that drops a large day takes longer, and so does its lock wait).",
                              ["job"])
 
 
@@ -198,6 +204,7 @@ def start(config: Config) -> None:
         RETENTION_FREED.labels(reason)
     for job in housekeeping_jobs(config):
         HOUSEKEEPING_LAST_OK.labels(job)
+        HOUSEKEEPING_SECONDS.labels(job)
         for result in ("ok", "failed"):
             HOUSEKEEPING_RUNS.labels(job, result)
     if config.metrics.enabled:
@@ -205,10 +212,12 @@ def start(config: Config) -> None:
 
 
 def housekeeping_jobs(config: Config) -> list[str]:
-    """The jobs an agent with this config runs: partitions and indexes ahead, retention if set."""
+    """The jobs an agent with this config runs: partitions and indexes ahead, retention if set,
+    and making room on a full disk if retention.on_disk_full asks for it."""
     r = config.retention
     configured = r.keep_days is not None or r.max_bytes is not None
-    return ["partitions", "indexes", *(["retention"] if configured else [])]
+    return ["partitions", "indexes", *(["retention"] if configured else []),
+            *(["free_space"] if r.on_disk_full == "drop_oldest" else [])]
 
 
 def _version() -> str:

@@ -47,6 +47,8 @@ class Sender:
         self.backoff = db.Backoff()
         # Paces retries while the database's disk is full (the connection itself is fine).
         self.no_space = db.Backoff(first=0.5)
+        # Set while inserts fail for lack of space: housekeeping may drop the oldest day.
+        self.disk_full = threading.Event()
         self.ids: dict[str, int] = {}
         self.names: dict[int, str] = {}
         self.tx_seq: dict[int, int] = {}
@@ -124,6 +126,7 @@ class Sender:
                 if self.no_space.attempt:
                     log.warning("sender: the database has disk space again; logging resumed")
                     self.no_space.succeeded()
+                    self.disk_full.clear()
                     metrics.DB_DISK_FULL.set(0)
             self.pending = []
         metrics.QUEUE_DEPTH.set(len(self.queue))
@@ -142,6 +145,7 @@ class Sender:
                       "counted (reason disk_full) until space is freed; everything logged so far "
                       "is intact", db.describe(exc))
         self.no_space.failed()
+        self.disk_full.set()
         metrics.DB_DISK_FULL.set(1)
         metrics.DROPPED.labels("disk_full").inc(len(self.pending))
         self.pending = []

@@ -185,3 +185,14 @@ def test_rate_limit_keys() -> None:
         with_(transport__rate_limit_bytes="10MB"))
     assert "transport.rate_limit_burst: 0 is out of range" in error(
         with_(transport__rate_limit_burst=0))
+
+
+def test_retention_keys() -> None:
+    r = config.parse(copy.deepcopy(BASE)).retention
+    assert (r.keep_days, r.max_bytes, r.on_disk_full) == (None, None, "drop_new")
+    r = config.parse(with_(retention__keep_days=7, retention__max_size="1.5GB",
+                           retention__on_disk_full="drop_oldest")).retention
+    assert (r.keep_days, r.max_bytes, r.on_disk_full) == (7, int(1.5 * 1024**3), "drop_oldest")
+    assert "retention.on_disk_full: 'drop' is not one of drop_new, drop_oldest" in error(
+        with_(retention__on_disk_full="drop"))
+    assert "retention.max_size: '50 apples'" in error(with_(retention__max_size="50 apples"))
