@@ -31,6 +31,7 @@ class Variant:
     mode: str = "logged"
     batch_max: int | None = None
     mtu: int = 1500
+    offload: bool = True
     cipher: str = ""
 
 
@@ -45,7 +46,7 @@ class Testbed:
 def testbed(variant: Variant, workdir: Path, prefix: str, port: int) -> Iterator[Testbed]:
     """Bring a variant up in fresh namespaces, and everything down afterwards, pass or fail."""
     lab = Lab.create(workdir, prefix=prefix, port=port, mode=variant.mode,
-                     batch_max=variant.batch_max, mtu=variant.mtu)
+                     batch_max=variant.batch_max, mtu=variant.mtu, offload=variant.offload)
     openvpn: list[subprocess.Popen[bytes]] = []
     try:
         if variant.kind == "pgvpn":

@@ -25,10 +25,11 @@ from pgvpn_agent.lab import Lab, LabError
 RESULTS = Path(__file__).with_name("results")
 
 VARIANTS = (
-    Variant("seed-v1", "seed v1: trigger, batch 1", mode="trigger", batch_max=1),
-    Variant("seed-v2", "seed v2: logged, batch 1", mode="logged", batch_max=1),
-    Variant("payload", "seed cheat: payload", mode="payload"),
+    Variant("seed-v1", "seed v1: trigger, batch 1", mode="trigger", batch_max=1, offload=False),
+    Variant("seed-v2", "seed v2: logged, batch 1", mode="logged", batch_max=1, offload=False),
+    Variant("payload", "seed cheat: payload", mode="payload", offload=False),
     Variant("logged", "pgvpn logged"),
+    Variant("logged-packets", "pgvpn logged, no TUN offload", offload=False),
     Variant("logged-9000", "pgvpn logged, MTU 9000", mtu=9000),
     Variant("openvpn-aes", "OpenVPN 2.6, AES-256-GCM", kind="openvpn", cipher="AES-256-GCM"),
     Variant("openvpn-none", "OpenVPN 2.6, cipher none", kind="openvpn", cipher="none"),

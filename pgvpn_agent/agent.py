@@ -32,7 +32,7 @@ def run(config: Config) -> int:
             "change passwords and packets. Use sslmode = \"verify-full\" with sslrootcert.",
             config.database.sslmode,
         )
-    tun = open_tun(config.tun.name)
+    tun = open_tun(config.tun.name, offload=config.tun.offload)
     stop = threading.Event()
     failed = threading.Event()
     try:

@@ -117,6 +117,8 @@ def _parser() -> argparse.ArgumentParser:
     up.add_argument("--batch-max", type=int)
     up.add_argument("--mtu", type=int, default=1500)
     up.add_argument("--encrypt", action="store_true", help="seal payloads at rest (keys per pair)")
+    up.add_argument("--no-offload", dest="offload", action="store_false",
+                    help="no TUN offload: one row per wire-sized packet")
     up.add_argument("--dir", type=Path, default=None, help="work dir (default /run/pgvpn-lab)")
     up.set_defaults(func=_lab_up)
     st = labs.add_parser("status", help="describe the running lab")
@@ -290,7 +292,7 @@ def _lab_up(args: argparse.Namespace) -> int:
     from pgvpn_agent.lab import Lab
 
     lab = Lab.create(_lab_dir(args), peers=args.peers, mode=args.mode, batch_max=args.batch_max,
-                     mtu=args.mtu, encrypt=args.encrypt)
+                     mtu=args.mtu, encrypt=args.encrypt, offload=args.offload)
     lab.up()
     for peer in lab.peers:
         print(f"{peer.name}: ip netns exec {peer.netns} ping {peer.ipv4}  |  {peer.ipv6}")

@@ -95,6 +95,9 @@ class Tun:
     name: str = "pgvpn0"
     mtu: int = 1500
     txqueuelen: int = 1000
+    # TSO and checksum offload on the TUN: a row holds what the kernel hands over, up to a
+    # 64 KB TCP burst (tun.py). Off: one row per wire-sized packet, at several times the cost.
+    offload: bool = True
 
 
 @dataclass(frozen=True)
@@ -180,7 +183,7 @@ def parse(raw: dict[str, Any]) -> Config:
     database = _database(_table(raw, "database", required=True))
 
     tun_raw = _table(raw, "tun")
-    _known(tun_raw, "tun.", {"name", "mtu", "txqueuelen"})
+    _known(tun_raw, "tun.", {"name", "mtu", "txqueuelen", "offload"})
     tun_name = _str(tun_raw, "tun.", "name", default="pgvpn0")
     if not re.fullmatch(r"[A-Za-z0-9_.-]{1,15}", tun_name):
         raise ConfigError(f"tun.name: {tun_name!r} is not a valid interface name (1-15 chars)")
@@ -188,7 +191,12 @@ def parse(raw: dict[str, Any]) -> Config:
         name=tun_name,
         mtu=_int(tun_raw, "tun.", "mtu", 1500, lo=1280, hi=65535),
         txqueuelen=_int(tun_raw, "tun.", "txqueuelen", 1000, lo=10, hi=100_000),
+        # Payload mode's NOTIFY carries at most 8000 bytes: no room for a 64 KB burst.
+        offload=_bool(tun_raw, "tun.", "offload", mode != "payload"),
     )
+    if mode == "payload" and tun.offload:
+        raise ConfigError("tun.offload: payload mode cannot carry offloaded bursts (up to 64 KB) "
+                          "in an 8000-byte NOTIFY payload; remove tun.offload or set it to false")
     if mode == "payload" and tun.mtu > PAYLOAD_MODE_MAX_MTU:
         raise ConfigError(
             f"tun.mtu: {tun.mtu} cannot travel in payload mode, whose NOTIFY payload is limited "

@@ -84,6 +84,7 @@ class Lab:
     transport: dict[str, Any] = field(default_factory=dict)
     mtu: int = 1500
     encrypt: bool = False
+    offload: bool = True  # TUN offload (the agent's default; payload mode never has it)
 
     @property
     def pgdir(self) -> Path:
@@ -111,7 +112,7 @@ class Lab:
     def create(cls, workdir: Path = DEFAULT_DIR, *, peers: int = 2, mode: str = "logged",
                batch_max: int | None = None, mtu: int = 1500, prefix: str = "pgvpn-lab",
                port: int = 55432, transport: dict[str, Any] | None = None,
-               encrypt: bool = False) -> Lab:
+               encrypt: bool = False, offload: bool = True) -> Lab:
         if (workdir / "lab.json").exists():
             raise LabError(f"a lab is already up in {workdir}: run `pgvpn lab down` first")
         if peers < 2 or peers > 200:
@@ -120,7 +121,7 @@ class Lab:
         if batch_max is not None:
             tr["batch_max"] = batch_max
         lab = cls(workdir=workdir, prefix=prefix, port=port, mode=mode, transport=tr, mtu=mtu,
-                  pg_bin=_pg_bin(), encrypt=encrypt)
+                  pg_bin=_pg_bin(), encrypt=encrypt, offload=offload and mode != "payload")
         for i in range(1, peers + 1):
             lab.peers.append(LabPeer(
                 name=f"peer{i}", netns=f"{prefix}{i}", ipv4=f"10.77.{i // 250}.{i % 250}",
@@ -256,7 +257,8 @@ class Lab:
     def write_config(self, peer: LabPeer) -> None:
         lines = [f'peer = "{peer.name}"', f'mode = "{self.mode}"', "", "[database]",
                  f'dsn = "{self.dsn(_role(peer.name))}"', "", "[tun]", f'name = "{peer.tun}"',
-                 f"mtu = {self.mtu}", "", "[transport]"]
+                 f"mtu = {self.mtu}", f"offload = {json.dumps(self.offload)}", "",
+                 "[transport]"]
         transport = dict(self.transport)
         if self.mode == "payload":
             # the lab's database is this machine's, its roles the lab's own: nobody else listens

@@ -12,6 +12,7 @@ import math
 import time
 
 from pgvpn_agent.config import Config
+from pgvpn_agent.packet import MAX_PACKET
 
 
 class RateLimit:
@@ -31,7 +32,9 @@ class RateLimit:
         t = config.transport
         if not t.rate_limit_packets and not t.rate_limit_bytes:
             return None
-        return cls(t.rate_limit_packets, t.rate_limit_bytes, t.rate_limit_burst, config.tun.mtu)
+        # With TUN offload one read can be a 64 KB burst: the byte bucket must hold one.
+        largest = MAX_PACKET if config.tun.offload else config.tun.mtu
+        return cls(t.rate_limit_packets, t.rate_limit_bytes, t.rate_limit_burst, largest)
 
     def refill(self, now: float) -> None:
         elapsed = max(0.0, now - self.at)

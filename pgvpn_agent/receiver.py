@@ -16,18 +16,17 @@ import time
 import psycopg
 from psycopg import sql
 
-from pgvpn_agent import db, metrics, seal
+from pgvpn_agent import db, metrics, seal, tun
 from pgvpn_agent.config import Config
 from pgvpn_agent.schema import check_version
-from pgvpn_agent.tun import Tun
 
 log = logging.getLogger(__name__)
 
 FETCH = """
-SELECT p.src_peer, p.seq, extract(epoch FROM p.sent_at)::float8, p.payload
+SELECT p.src_peer, p.seq, extract(epoch FROM p.sent_at)::float8, p.payload, p.offload
 FROM unnest(%b::smallint[], %b::bigint[]) AS c (src, last)
 CROSS JOIN LATERAL (
-    SELECT src_peer, seq, sent_at, payload FROM pgvpn.packet
+    SELECT src_peer, seq, sent_at, payload, offload FROM pgvpn.packet
     WHERE dst_peer = %b AND src_peer = c.src AND seq > c.last
     ORDER BY seq LIMIT %b
 ) AS p
@@ -50,10 +49,13 @@ LEFT JOIN LATERAL (
 ) AS p ON l.tx_seq > c.rx
 """
 LAG_EVERY = 2.0
+# A page of rows is bounded in bytes as well as rows (transport.fetch_max): with TUN offload a
+# row can hold 64 KB, and a page is held about three times over while it is delivered.
+PAGE_BYTES = 2 << 20
 
 
 class Receiver:
-    def __init__(self, config: Config, tun: Tun, stop: threading.Event) -> None:
+    def __init__(self, config: Config, tun: tun.Tun, stop: threading.Event) -> None:
         self.config = config
         self.tun = tun
         self.stop = stop
@@ -66,6 +68,7 @@ class Receiver:
         self.channel = "pgvpn_" + config.peer
         self.sealer = seal.for_config(config)
         self.lag_at = 0.0
+        self.row_bytes = 1500.0  # running mean of fetched payload sizes, for the page limit
 
     def run(self) -> None:
         wait = min(self.config.transport.poll_interval, 1.0)
@@ -102,12 +105,13 @@ class Receiver:
     def _fetch_all(self) -> None:
         """Fetch and deliver until no link has a full page waiting."""
         assert self.conn is not None
-        limit = self.config.transport.fetch_max
+        fetch_max = self.config.transport.fetch_max
         max_age = self.config.transport.max_age
         links = sorted(self.cursor)
         write = self.tun.write
         sealer = self.sealer
         while not self.stop.is_set():
+            limit = max(1, min(fetch_max, int(PAGE_BYTES / self.row_bytes)))
             started = time.perf_counter()
             cur = self.conn.cursor(binary=True)
             cur.execute(FETCH, (links, [self.cursor[s] for s in links], self.me, limit),
@@ -120,8 +124,8 @@ class Receiver:
             last: dict[int, int] = {}
             per_link: dict[int, list[int]] = {}
             delivered: list[float] = []
-            stale = refused = unsealable = 0
-            for src, seq, sent_at, payload in rows:
+            stale = refused = unsealable = forged = 0
+            for src, seq, sent_at, payload, offload in rows:
                 last[src] = seq
                 if now - sent_at > max_age:
                     stale += 1
@@ -133,7 +137,12 @@ class Receiver:
                         unsealable += 1
                         log.warning("receiver: dropped a stored packet: %s", exc)
                         continue
-                if not write(payload):
+                if offload is None:
+                    offload = tun.NO_OFFLOAD
+                elif not tun.check_offload(offload, payload, payload[0] >> 4 if payload else 0):
+                    forged += 1
+                    continue
+                if not write(payload, offload):
                     refused += 1
                     continue
                 delivered.append(sent_at)
@@ -144,6 +153,8 @@ class Receiver:
                     c[0] += 1
                     c[1] += len(payload)
             done = time.time()
+            self.row_bytes = 0.8 * self.row_bytes + 0.2 * (
+                sum(len(r[3]) for r in rows) / len(rows))
             # What reached the TUN is delivered, whether or not the save below gets through.
             self.cursor.update(last)
             self.conn.execute(SAVE_CURSORS, (list(last), list(last.values()), self.me),
@@ -154,6 +165,10 @@ class Receiver:
                 metrics.DROPPED.labels("tun_write").inc(refused)
             if unsealable:
                 metrics.DROPPED.labels("unsealable").inc(unsealable)
+            if forged:
+                log.warning("receiver: dropped %d stored packets whose offload header no kernel "
+                            "would have produced", forged)
+                metrics.DROPPED.labels("malformed").inc(forged)
             for src, (n, size) in per_link.items():
                 metrics.PACKETS.labels("rx", self.names[src]).inc(n)
                 metrics.BYTES.labels("rx", self.names[src]).inc(size)

@@ -16,25 +16,28 @@ from collections import deque
 
 import psycopg
 
-from pgvpn_agent import db, metrics, seal, wire
+from pgvpn_agent import db, metrics, seal, tun, wire
 from pgvpn_agent.config import Config
 from pgvpn_agent.packet import MalformedPacket, parse
 from pgvpn_agent.ratelimit import RateLimit
 from pgvpn_agent.schema import check_version
-from pgvpn_agent.tun import Tun
 
 log = logging.getLogger(__name__)
 DISK_FULL = "53100"
 
-SEND_BATCH = "SELECT pgvpn.send_batch(%b::int2, " + ", ".join(["%b"] * 16) + ")"
+SEND_BATCH = "SELECT pgvpn.send_batch(%b::int2, " + ", ".join(["%b"] * 17) + ")"
 NOTIFY_PAYLOADS = "SELECT pg_notify(c, m) FROM unnest(%b::text[], %b::text[]) AS t (c, m)"
 
-# One queued packet: capture time (sender clock) and the raw bytes.
+# One queued packet: capture time (sender clock) and the bytes read, offload header first.
 Captured = tuple[float, bytes]
+# With TUN offload a packet can be a 64 KB burst: batches and the queue are bounded in bytes too,
+# which is what keeps the agent's memory flat (a batch costs about three copies of itself).
+BATCH_BYTES = 1 << 20
+QUEUE_BYTES = 16 << 20
 
 
 class Sender:
-    def __init__(self, config: Config, tun: Tun, stop: threading.Event) -> None:
+    def __init__(self, config: Config, tun: tun.Tun, stop: threading.Event) -> None:
         self.config = config
         self.tun = tun
         self.stop = stop
@@ -42,6 +45,7 @@ class Sender:
         self.rate_limit = RateLimit.from_config(config)
         self.sealer = seal.for_config(config)
         self.queue: deque[Captured] = deque()
+        self.queued_bytes = 0
         self.pending: list[Captured] = []
         self.conn: db.Conn | None = None
         self.backoff = db.Backoff()
@@ -88,20 +92,24 @@ class Sender:
         read = self.tun.read
         now = time.time()
         dropped = limited = 0
+        queued = self.queued_bytes
         bucket = self.rate_limit
         if bucket is not None:
             bucket.refill(time.monotonic())
-        while limit is None or len(queue) < limit:
+        while limit is None or (len(queue) < limit and queued < BATCH_BYTES):
             packet = read()
             if packet is None:
                 break
-            if bucket is not None and not bucket.take(len(packet)):
+            size = len(packet) - tun.VNET_SIZE
+            if bucket is not None and not bucket.take(size):
                 limited += 1
                 continue
-            if len(queue) >= cap:
-                queue.popleft()
+            while queue and (len(queue) >= cap or queued + size > QUEUE_BYTES):
+                queued -= len(queue.popleft()[1]) - tun.VNET_SIZE
                 dropped += 1
             queue.append((now, packet))
+            queued += size
+        self.queued_bytes = queued
         if dropped:
             metrics.DROPPED.labels("queue_full").inc(dropped)
         if limited:
@@ -112,8 +120,7 @@ class Sender:
         batch_max = self.config.transport.batch_max
         while self.conn is not None and (self.pending or self.queue):
             if not self.pending:
-                n = min(batch_max, len(self.queue))
-                self.pending = [self.queue.popleft() for _ in range(n)]
+                self.pending = self._take(batch_max)
             try:
                 self._send(self.pending)
             except psycopg.Error as exc:
@@ -130,6 +137,17 @@ class Sender:
                     metrics.DB_DISK_FULL.set(0)
             self.pending = []
         metrics.QUEUE_DEPTH.set(len(self.queue))
+
+    def _take(self, batch_max: int) -> list[Captured]:
+        """The next batch: up to batch_max packets and about BATCH_BYTES (at least one)."""
+        queue = self.queue
+        batch = [queue.popleft()]
+        size = len(batch[0][1])
+        while queue and len(batch) < batch_max and size < BATCH_BYTES:
+            batch.append(queue.popleft())
+            size += len(batch[-1][1])
+        self.queued_bytes -= size - len(batch) * tun.VNET_SIZE
+        return batch
 
     def _out_of_space(self, exc: psycopg.Error) -> bool:
         """Disk full: drop the batch (it was not logged), pause, retry; nothing logged is lost.
@@ -171,8 +189,12 @@ class Sender:
         r_len: list[int] = []
         r_frag: list[bool] = []
         r_payload: list[bytes] = []
+        r_offload: list[bytes | None] = []
         malformed = no_route = 0
-        for sent_at, packet in batch:
+        vnet = tun.VNET_SIZE
+        no_offload = tun.NO_OFFLOAD
+        for sent_at, raw in batch:
+            packet = raw[vnet:]
             try:
                 h = parse(packet)
             except MalformedPacket:
@@ -207,6 +229,8 @@ class Sender:
             r_len.append(h.length)
             r_frag.append(h.fragment)
             r_payload.append(packet if sealer is None else sealer.seal(peer, seq, packet))
+            offload = raw[:vnet]
+            r_offload.append(None if offload == no_offload else offload)
         if malformed:
             metrics.DROPPED.labels("malformed").inc(malformed)
         if no_route:
@@ -232,6 +256,7 @@ class Sender:
             wire.fixed("int4", r_len),
             wire.booleans(r_frag),
             wire.blobs("bytea", r_payload),
+            wire.blobs("bytea", r_offload),
         )
         started = time.perf_counter()
         self.conn.execute(SEND_BATCH, params, prepare=True)
@@ -248,7 +273,8 @@ class Sender:
         messages: list[str] = []
         counts: dict[int, list[int]] = {}
         malformed = no_route = 0
-        for sent_at, packet in batch:
+        for sent_at, raw in batch:
+            packet = raw[tun.VNET_SIZE:]  # zeros: payload mode runs without TUN offload
             try:
                 h = parse(packet)
             except MalformedPacket:
@@ -323,9 +349,9 @@ class Sender:
 
     def _committed(self, committed: dict[int, int]) -> bool:
         """Did the batch whose commit we never heard back about actually commit?"""
-        for _, packet in self.pending:
+        for _, raw in self.pending:
             try:
-                peer = self.routes.lookup(parse(packet).dst_raw)
+                peer = self.routes.lookup(parse(raw[tun.VNET_SIZE:]).dst_raw)
             except MalformedPacket:
                 continue
             if peer is not None:

@@ -3,6 +3,12 @@
 pyroute2 can create tuntap links but hands back no file descriptor, so the device itself comes
 from /dev/net/tun + TUNSETIFF; everything else (MTU, queue length, addresses, routes, up) goes
 through netlink. The device is not persistent: if the agent dies, the kernel removes it.
+
+Every read and write carries a virtio-net header (IFF_VNET_HDR). With offload on, the kernel
+hands the agent TCP bursts of up to 64 KB (TSO) with a partial checksum, and takes the same back
+on the other side: one row, one database round trip and one system call per burst instead of
+per wire-sized segment. The header is logged with the packet and written back verbatim; see
+`check_offload` for what a receiver accepts from a stored row.
 """
 
 from __future__ import annotations
@@ -20,11 +26,23 @@ from pyroute2 import IPRoute
 log = logging.getLogger(__name__)
 
 TUNSETIFF = 0x400454CA
+TUNSETOFFLOAD = 0x400454D0
 IFF_TUN = 0x0001
 IFF_NO_PI = 0x1000
+IFF_VNET_HDR = 0x4000
+TUN_F_CSUM, TUN_F_TSO4, TUN_F_TSO6 = 0x01, 0x02, 0x04
 IFA_F_NODAD = 0x02
+
+# struct virtio_net_hdr (TUN's default header size): flags, gso_type, hdr_len, gso_size,
+# csum_start, csum_offset, in host byte order.
+VNET = struct.Struct("=BBHHHH")
+VNET_SIZE = VNET.size
+NO_OFFLOAD = bytes(VNET_SIZE)
+NEEDS_CSUM = 1
+GSO_NONE, GSO_TCPV4, GSO_TCPV6 = 0, 1, 4
+_TCP, _UDP = 6, 17
 # One read returns one packet; anything shorter than the largest possible packet truncates.
-READ_SIZE = 65536
+READ_SIZE = VNET_SIZE + 65536
 
 
 class TunError(RuntimeError):
@@ -39,16 +57,16 @@ class Tun:
         self.fd = fd
 
     def read(self) -> bytes | None:
-        """One packet, or None when the kernel queue is empty."""
+        """One packet behind its VNET_SIZE-byte offload header, or None when the queue is empty."""
         try:
             return os.read(self.fd, READ_SIZE)
         except BlockingIOError:
             return None
 
-    def write(self, packet: bytes) -> bool:
+    def write(self, packet: bytes, offload: bytes = NO_OFFLOAD) -> bool:
         """Hand a packet to the kernel; False if the kernel refused it (e.g. malformed)."""
         try:
-            os.write(self.fd, packet)
+            os.writev(self.fd, (offload, packet))
         except OSError as exc:
             log.debug("TUN write of %d bytes refused: %s", len(packet), exc)
             return False
@@ -60,7 +78,38 @@ class Tun:
             self.fd = -1
 
 
-def open_tun(name: str) -> Tun:
+def check_offload(offload: bytes, packet: bytes, version: int) -> bool:
+    """Is a stored offload header one this agent's own kernel could have produced for `packet`?
+
+    Rows come from other peers; the kernel parses the header we write (a history of bugs), so
+    only the shapes TUN hands out with TSO and checksum offload pass: a partial TCP or UDP
+    checksum inside the packet, and TCP segmentation matching the IP version.
+    """
+    if len(offload) != VNET_SIZE:
+        return False
+    flags, gso_type, hdr_len, gso_size, csum_start, csum_offset = VNET.unpack(offload)
+    if flags & ~NEEDS_CSUM or hdr_len > len(packet):
+        return False
+    if flags and (csum_offset not in (16, 6) or csum_start < 20
+                  or csum_start + csum_offset + 2 > len(packet)):
+        return False
+    if gso_type == GSO_NONE:
+        return not gso_size
+    expected = GSO_TCPV4 if version == 4 else GSO_TCPV6
+    return gso_type == expected and bool(flags) and csum_offset == 16 and 0 < gso_size < len(packet)
+
+
+def segments(offload: bytes | None, length: int) -> int:
+    """How many wire-sized packets a row stands for: its TSO burst cut at gso_size."""
+    if not offload:
+        return 1
+    _, gso_type, hdr_len, gso_size, _, _ = VNET.unpack(offload)
+    if gso_type == GSO_NONE or not gso_size:
+        return 1
+    return max(1, -(-(length - int(hdr_len)) // int(gso_size)))
+
+
+def open_tun(name: str, offload: bool = True) -> Tun:
     try:
         fd = os.open("/dev/net/tun", os.O_RDWR | os.O_NONBLOCK | os.O_CLOEXEC)
     except OSError as exc:
@@ -68,9 +117,12 @@ def open_tun(name: str) -> Tun:
             f"cannot open /dev/net/tun ({exc.strerror}): load the tun module and make sure the "
             "agent may use the device (systemd DeviceAllow=/dev/net/tun rw)"
         ) from exc
-    ifr = struct.pack("16sH22x", name.encode(), IFF_TUN | IFF_NO_PI)
+    ifr = struct.pack("16sH22x", name.encode(), IFF_TUN | IFF_NO_PI | IFF_VNET_HDR)
     try:
         fcntl.ioctl(fd, TUNSETIFF, ifr)
+        # Without TUNSETOFFLOAD the kernel segments and checksums everything itself; the header
+        # is still there (all zeros) so that bursts from peers with offload can be written back.
+        fcntl.ioctl(fd, TUNSETOFFLOAD, TUN_F_CSUM | TUN_F_TSO4 | TUN_F_TSO6 if offload else 0)
     except OSError as exc:
         os.close(fd)
         raise TunError(

@@ -23,10 +23,17 @@ INET4 = b"\x02\x20\x00\x04"
 INET6 = b"\x03\x80\x00\x10"
 
 
-class Array(bytes):
-    """A binary-encoded array; `oid` names its element type for psycopg."""
+class Array:
+    """A binary-encoded array; `oid` names its array type for psycopg.
 
-    oid: int
+    Not a bytes subclass: building one would copy the encoding again, and a column of payloads
+    is up to a megabyte per batch."""
+
+    __slots__ = ("data", "oid")
+
+    def __init__(self, data: bytes, oid: int) -> None:
+        self.data = data
+        self.oid = oid
 
 
 def _oid(name: str) -> int:
@@ -43,10 +50,10 @@ def _fixed(code: str, size: int, n: int) -> struct.Struct:
     return struct.Struct("!" + f"i{code}" * n)
 
 
-def _array(name: str, body: bytes, n: int, nulls: bool = False) -> Array:
-    out = Array(_HEADER.pack(1, int(nulls), OIDS[name], n, 1) + body)
-    out.oid = ARRAY_OIDS[name]
-    return out
+def _array(name: str, parts: list[bytes], n: int, nulls: bool = False) -> Array:
+    """One copy: the header and the elements' encodings joined once."""
+    parts.insert(0, _HEADER.pack(1, int(nulls), OIDS[name], n, 1))
+    return Array(b"".join(parts), ARRAY_OIDS[name])
 
 
 def fixed(name: str, values: Sequence[int | float]) -> Array:
@@ -55,25 +62,30 @@ def fixed(name: str, values: Sequence[int | float]) -> Array:
                   "timestamptz": ("q", 8)}[name]
     n = len(values)
     body = _fixed(code, size, n).pack(*[x for v in values for x in (size, v)])
-    return _array(name, body, n)
+    return _array(name, [body], n)
 
 
 def nullable_int4(values: Sequence[int | None]) -> Array:
-    parts = [b"\xff\xff\xff\xff" if v is None else _INT4.pack(4, v) for v in values]
-    return _array("int4", b"".join(parts), len(values), nulls=None in values)
+    parts = [_NULL if v is None else _INT4.pack(4, v) for v in values]
+    return _array("int4", parts, len(values), nulls=None in values)
 
 
 def booleans(values: Sequence[bool]) -> Array:
-    return _array("bool", b"".join(_TRUE if v else _FALSE for v in values), len(values))
+    return _array("bool", [_TRUE if v else _FALSE for v in values], len(values))
 
 
-def blobs(name: str, values: Sequence[bytes]) -> Array:
-    """bytea or pre-encoded inet elements: length-prefixed."""
+def blobs(name: str, values: Sequence[bytes | None]) -> Array:
+    """bytea or pre-encoded inet elements: length-prefixed (None: NULL)."""
     parts: list[bytes] = []
+    nulls = False
     for v in values:
-        parts.append(_LEN.pack(len(v)))
-        parts.append(v)
-    return _array(name, b"".join(parts), len(values))
+        if v is None:
+            parts.append(_NULL)
+            nulls = True
+        else:
+            parts.append(_LEN.pack(len(v)))
+            parts.append(v)
+    return _array(name, parts, len(values), nulls=nulls)
 
 
 def timestamps(unix_seconds: Sequence[float]) -> Array:
@@ -82,6 +94,7 @@ def timestamps(unix_seconds: Sequence[float]) -> Array:
 
 _INT4 = struct.Struct("!ii")
 _LEN = struct.Struct("!i")
+_NULL = b"\xff\xff\xff\xff"
 _TRUE = b"\x00\x00\x00\x01\x01"
 _FALSE = b"\x00\x00\x00\x01\x00"
 
@@ -90,7 +103,7 @@ class ArrayDumper(adapt.Dumper):
     format = Format.BINARY
 
     def dump(self, obj: Array) -> bytes:
-        return obj
+        return obj.data
 
     def get_key(self, obj: Array, format: adapt.PyFormat) -> type | tuple[type, ...]:
         return (Array, obj.oid)  # type: ignore[return-value]

@@ -15,7 +15,7 @@ from typing import ClassVar
 import psycopg
 import pytest
 
-from pgvpn_agent import config, db, schema
+from pgvpn_agent import config, db, schema, tun
 from pgvpn_agent.lab import Lab, LabPeer
 from pgvpn_agent.receiver import Receiver
 from pgvpn_agent.sender import Sender
@@ -119,7 +119,7 @@ def test_lost_notification_costs_latency_not_packets(make_lab):
         fd = -1
         written: ClassVar[list[bytes]] = []
 
-        def write(self, packet: bytes) -> bool:
+        def write(self, packet: bytes, offload: bytes = tun.NO_OFFLOAD) -> bool:
             self.written.append(packet)
             return True
 
@@ -132,7 +132,7 @@ def test_lost_notification_costs_latency_not_packets(make_lab):
         tx.notify = False  # as if the NOTIFY had been lost
         packet = ipv4(a.ipv4, b.ipv4, 17, ports(1, 2))
         started = time.monotonic()
-        tx._send_rows([(time.time(), packet)])
+        tx._send_rows([(time.time(), tun.NO_OFFLOAD + packet)])
         eventually(lambda: _assert_at_least(len(ListTun.written), 1), timeout=5)
         assert ListTun.written == [packet]
         assert time.monotonic() - started < 2.0

@@ -13,7 +13,7 @@ import time
 import psycopg
 import pytest
 
-from pgvpn_agent import config, db
+from pgvpn_agent import config, db, tun
 from pgvpn_agent.receiver import Receiver
 from pgvpn_agent.sender import Sender
 from tests.packets import ipv4, ports
@@ -30,13 +30,15 @@ class ListTun:
     def __init__(self) -> None:
         self.written: list[bytes] = []
 
-    def write(self, packet: bytes) -> bool:
+    def write(self, packet: bytes, offload: bytes = tun.NO_OFFLOAD) -> bool:
         self.written.append(packet)
         return True
 
 
 def packet(src: str, dst: str, n: int) -> tuple[float, bytes]:
-    return time.time(), ipv4(src, dst, UDP, ports(1000, 2000, b"\0\0\0\0" + b"%06d" % n))
+    """As the sender reads it from TUN: an offload header first."""
+    udp = ports(1000, 2000, b"\0\0\0\0" + b"%06d" % n)
+    return time.time(), tun.NO_OFFLOAD + ipv4(src, dst, UDP, udp)
 
 
 def number(p: bytes) -> int:

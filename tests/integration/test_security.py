@@ -10,6 +10,7 @@ import pytest
 from pgvpn_agent import db, wire
 from pgvpn_agent.config import Database
 from pgvpn_agent.lab import Lab
+from pgvpn_agent.sender import SEND_BATCH
 from tests.packets import ipv4, ports
 
 pytestmark = pytest.mark.integration
@@ -69,8 +70,7 @@ def test_peer_cannot_forge_update_or_delete_log_rows(lab):
         # send_batch() claiming to be peer2
         packet = ipv4("10.77.0.2", "10.77.0.3", 17, ports(1, 2))
         n = 1
-        sqlstate = refused(conn, "SELECT pgvpn.send_batch(%b::int2, " + ", ".join(["%b"] * 16)
-                           + ")", (
+        sqlstate = refused(conn, SEND_BATCH, (
             peer["peer2"], True, wire.fixed("int2", [peer["peer3"]]),
             wire.fixed("int8", [10**9]), wire.fixed("int8", [10**9]),
             wire.fixed("int2", [peer["peer3"]]), wire.fixed("int8", [10**9]),
@@ -78,7 +78,8 @@ def test_peer_cannot_forge_update_or_delete_log_rows(lab):
             wire.blobs("inet", [wire.INET4 + packet[12:16]]),
             wire.blobs("inet", [wire.INET4 + packet[16:20]]), wire.fixed("int2", [17]),
             wire.nullable_int4([1]), wire.nullable_int4([2]), wire.fixed("int4", [len(packet)]),
-            wire.booleans([False]), wire.blobs("bytea", [packet] * n)))
+            wire.booleans([False]), wire.blobs("bytea", [packet] * n),
+            wire.blobs("bytea", [None] * n)))
         assert sqlstate == "42501"
     assert lab.psql("SELECT count(*) FROM pgvpn.packet WHERE seq = 1000000000") == "0"
 

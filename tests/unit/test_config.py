@@ -40,6 +40,7 @@ def error(raw: dict[str, Any]) -> str:
 def test_defaults_and_routes() -> None:
     cfg = config.parse(copy.deepcopy(BASE))
     assert cfg.mode == "logged" and cfg.transport.batch_max == 256 and cfg.tun.mtu == 1500
+    assert cfg.tun.offload
     table = cfg.route_table()
     assert table.lookup(bytes([10, 1, 0, 2])) == "b"
     assert table.lookup(bytes([192, 168, 2, 9])) == "b"
@@ -64,6 +65,9 @@ def test_defaults_and_routes() -> None:
         (with_(metrics__enabled="yes"), "metrics.enabled: must be true or false"),
         (with_(mode="payload", tun__mtu=9000, transport__allow_payload_mode=True),
          "tun.mtu: 9000 cannot travel in payload mode"),
+        (with_(mode="payload", tun__offload=True, transport__allow_payload_mode=True),
+         "tun.offload: payload mode cannot carry offloaded bursts"),
+        (with_(tun__offload=1), "tun.offload: must be true or false"),
         (with_(peers__1__name="a"), "peers[1].name: peer 'a' is listed twice"),
         (with_(peers__1__addresses=[]), "peers[1].addresses: peer 'b' needs at least one"),
         (with_(peers__1__addresses=["10.1.0.300/24"]), "peers[1].addresses: '10.1.0.300/24'"),

@@ -38,3 +38,14 @@ def test_from_config() -> None:
     raw["transport"] = {"rate_limit_packets": 10, "rate_limit_burst": 2.0}
     limit = RateLimit.from_config(config.parse(raw))
     assert limit is not None and limit.packet_cap == 20 and limit.byte_cap == float("inf")
+
+
+def test_the_byte_bucket_holds_the_largest_read() -> None:
+    """An offloaded TSO burst (up to 64 KB) must be able to pass a small byte rate, in time."""
+    raw = copy.deepcopy(BASE)
+    raw["transport"] = {"rate_limit_bytes": 10_000, "rate_limit_burst": 1.0}
+    limit = RateLimit.from_config(config.parse(raw))
+    assert limit is not None and limit.byte_cap == 65535
+    raw["tun"] = {**raw.get("tun", {}), "offload": False}
+    limit = RateLimit.from_config(config.parse(raw))
+    assert limit is not None and limit.byte_cap == 10_000

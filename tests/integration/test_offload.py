@@ -1,0 +1,96 @@
+"""TUN offload: TCP bursts travel as one row each, with the header the receiver's kernel needs.
+
+With offload on (the default) the kernel hands the sender TSO bursts of up to 64 KB with a
+partial checksum; they are logged whole, with their virtio-net header, and written back so that
+the receiving kernel sees the same burst. A peer without offload still takes bursts from one
+that has it, and the log stays readable: `pgvpn pcap` exports a burst that tshark decodes.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+from pgvpn_agent import tun
+from pgvpn_agent.lab import LabPeer
+from tests.integration.stream import eventually
+
+pytestmark = pytest.mark.integration
+PGVPN = [sys.executable, "-m", "pgvpn_agent"]
+
+
+def rows(lab, src: LabPeer) -> list[tuple[int, bytes | None]]:
+    """(length, offload header) of every row src sent."""
+    out = lab.psql("SELECT length, coalesce(encode(offload, 'hex'), '') FROM pgvpn.packet p "
+                   f"JOIN pgvpn.peer s ON s.id = p.src_peer WHERE s.name = '{src.name}'")
+    return [(int(n), bytes.fromhex(h) if h else None)
+            for n, h in (line.split("|") for line in out.splitlines())]
+
+
+def delivered_all(lab) -> None:
+    """Every link's receiver is at its sender's last sequence number."""
+    lag = lab.psql("SELECT count(*) FROM pgvpn.link l JOIN pgvpn.cursor c USING (src, dst) "
+                   "WHERE c.rx_seq <> l.tx_seq")
+    assert lag == "0", lag
+
+
+def test_tcp_bursts_are_one_row_each_and_arrive_whole(make_lab):
+    lab = make_lab(peers=2)
+    a, b = lab.peers
+    report = lab.iperf(a, b, seconds=3)
+    received = report["end"]["sum_received"]["bytes"]
+    assert received > 1_000_000
+    sent = rows(lab, a)
+    bursts = [(n, h) for n, h in sent if h is not None and tun.segments(h, n) > 1]
+    assert bursts, "iperf3 over TUN offload produced no TSO burst"
+    for n, header in bursts:
+        flags, gso_type, _, gso_size, csum_start, csum_offset = tun.VNET.unpack(header)
+        assert n > lab.mtu and gso_type == tun.GSO_TCPV4 and flags == tun.NEEDS_CSUM
+        assert 0 < gso_size <= lab.mtu - 40 and (csum_start, csum_offset) == (20, 16)
+    # far fewer rows than the wire-sized packets they stand for
+    segments = sum(tun.segments(h, n) for n, h in sent)
+    assert len(sent) * 3 < segments, (len(sent), segments)
+    assert sum(n for n, _ in sent) > received
+    eventually(lambda: delivered_all(lab))
+    assert lab.ping(a, b, count=2) and lab.ping(b, a, v6=True, count=2)
+
+
+def test_a_burst_exports_to_pcap_whole(make_lab):
+    lab = make_lab(peers=2)
+    a, b = lab.peers
+    lab.iperf(a, b, seconds=2)
+    length, seq = lab.psql("SELECT length, seq FROM pgvpn.packet WHERE length > 10000 "
+                           "ORDER BY seq LIMIT 1").split("|")
+    export = subprocess.run([*PGVPN, "pcap", "--dsn", lab.dsn(), "--proto", "tcp",
+                             "--src-peer", a.name, "-o", "-"], check=True,
+                            capture_output=True).stdout
+    lengths = subprocess.run(["tshark", "-r", "-", "-T", "fields", "-e", "ip.len"],
+                             input=export, check=True, capture_output=True).stdout.split()
+    assert length.encode() in lengths, (length, seq)
+
+
+def test_a_peer_without_offload_takes_bursts_from_one_with_it(make_lab):
+    lab = make_lab(peers=2)
+    a, b = lab.peers
+    lab.stop_agent(b)
+    with open(b.config) as f:
+        config = f.read()
+    with open(b.config, "w") as f:
+        f.write(config.replace("offload = true", "offload = false"))
+    lab.start_agent(b)
+    lab.wait_mesh(30)
+    lab.iperf(a, b, seconds=2)  # bursts from a into b's plain TUN
+    lab.iperf(b, a, seconds=2)  # wire-sized packets from b
+    assert any(h is not None and tun.segments(h, n) > 1 for n, h in rows(lab, a))
+    assert all(h is None and n <= lab.mtu for n, h in rows(lab, b))
+    eventually(lambda: delivered_all(lab))
+
+
+def test_without_offload_every_row_fits_the_mtu(make_lab):
+    lab = make_lab(peers=2, offload=False)
+    a, b = lab.peers
+    lab.iperf(a, b, seconds=2)
+    sent = rows(lab, a)
+    assert len(sent) > 100 and all(h is None and n <= lab.mtu for n, h in sent)
