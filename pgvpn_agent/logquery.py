@@ -88,7 +88,8 @@ def query(f: Filter, payload: bool = False) -> tuple[sql.Composed, dict[str, Any
     where = [sql.SQL(_CONDITIONS[k]) for k in params]
     columns: sql.Composable = sql.SQL(
         "p.logged_at, p.sent_at, s.name, d.name, p.seq, p.ip_version, host(p.src_addr), "
-        "p.src_port, host(p.dst_addr), p.dst_port, p.protocol, p.length")
+        "p.src_port, host(p.dst_addr), p.dst_port, p.protocol, p.length, "
+        "pgvpn.segments(p.offload, p.length)")
     if payload:
         columns = columns + sql.SQL(", p.payload")
     q = sql.SQL("SELECT {} FROM pgvpn.packet p JOIN pgvpn.peer s ON s.id = p.src_peer "
@@ -102,8 +103,9 @@ def query(f: Filter, payload: bool = False) -> tuple[sql.Composed, dict[str, Any
     return q, params
 
 
+# segments: the wire packets a row stands for (a TSO burst logged with TUN offload is several)
 FIELDS = ("logged_at", "sent_at", "src_peer", "dst_peer", "seq", "ip_version", "src_addr",
-          "src_port", "dst_addr", "dst_port", "protocol", "length")
+          "src_port", "dst_addr", "dst_port", "protocol", "length", "segments")
 
 
 def rows(conn: db.Conn, f: Filter, payload: bool = False) -> Iterator[tuple[Any, ...]]:
@@ -124,14 +126,15 @@ def as_dict(row: tuple[Any, ...]) -> dict[str, Any]:
 
 
 def table(records: list[tuple[Any, ...]]) -> str:
-    head = ("logged at (UTC)", "from", "to", "seq", "proto", "source", "destination", "bytes")
+    head = ("logged at (UTC)", "from", "to", "seq", "proto", "source", "destination", "bytes",
+            "segs")
     lines = [head]
     for r in records:
         proto = PROTOCOL_NAMES.get(r[10], str(r[10]))
         src = _endpoint(r[6], r[7], r[5])
         dst = _endpoint(r[8], r[9], r[5])
         stamp = r[0].astimezone(UTC).strftime("%Y-%m-%d %H:%M:%S.%f")[:-3]
-        lines.append((stamp, r[2], r[3], str(r[4]), proto, src, dst, str(r[11])))
+        lines.append((stamp, r[2], r[3], str(r[4]), proto, src, dst, str(r[11]), str(r[12])))
     widths = [max(len(line[i]) for line in lines) for i in range(len(head))]
     return "\n".join("  ".join(c.ljust(w) for c, w in zip(line, widths, strict=True)).rstrip()
                      for line in lines)

@@ -36,6 +36,7 @@ def test_log_finds_a_known_udp_packet_by_port(lab):
     assert (first["src_peer"], first["dst_peer"], first["protocol"], first["dst_port"]) == (
         "peer1", "peer2", 17, 7300)
     assert first["src_addr"] == lab.peers[0].ipv4 and first["length"] == 20 + 8 + 2 + 200
+    assert first["segments"] == 1
     table = subprocess.run([*PGVPN, "log", "--dsn", lab.dsn(), "--proto", "icmpv6",
                             "--src-peer", "peer2", "--since", "10m"],
                            check=True, capture_output=True, text=True).stdout
@@ -65,9 +66,9 @@ def test_pcap_export_is_read_by_tshark(lab):
 
 
 def test_operator_views(lab):
-    flows = lab.psql("SELECT src_peer, dst_peer, protocol, dst_port, packets FROM pgvpn.flow "
-                     "WHERE dst_port = 7300")
-    assert flows == "peer1|peer2|17|7300|10"
+    flows = lab.psql("SELECT src_peer, dst_peer, protocol, dst_port, packets, segments "
+                     "FROM pgvpn.flow WHERE dst_port = 7300")
+    assert flows == "peer1|peer2|17|7300|10|10"
     per_minute = lab.psql("SELECT sum(packets) FROM pgvpn.traffic_per_minute "
                           "WHERE src_peer = 'peer1' AND dst_peer = 'peer2'")
     assert int(per_minute) >= 10

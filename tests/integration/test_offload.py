@@ -8,6 +8,7 @@ that has it, and the log stays readable: `pgvpn pcap` exports a burst that tshar
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 
@@ -53,6 +54,18 @@ def test_tcp_bursts_are_one_row_each_and_arrive_whole(make_lab):
     segments = sum(tun.segments(h, n) for n, h in sent)
     assert len(sent) * 3 < segments, (len(sent), segments)
     assert sum(n for n, _ in sent) > received
+    # the database counts wire packets as the agent does: per row, in the views, in `pgvpn log`
+    in_sql = lab.psql("SELECT sum(pgvpn.segments(offload, length)) FROM pgvpn.packet "
+                      f"WHERE src_peer = (SELECT id FROM pgvpn.peer WHERE name = '{a.name}')")
+    assert int(in_sql) == segments
+    flow = lab.psql("SELECT packets, segments FROM pgvpn.flow WHERE protocol = 6 AND "
+                    f"src_peer = '{a.name}' AND dst_port = 5201 ORDER BY bytes DESC LIMIT 1")
+    packets, wire_packets = map(int, flow.split("|"))
+    assert wire_packets > packets
+    out = subprocess.run([*PGVPN, "log", "--dsn", lab.dsn(), "--src-peer", a.name, "--proto",
+                          "tcp", "--port", "5201", "--json"], check=True, capture_output=True,
+                         text=True).stdout
+    assert max(json.loads(line)["segments"] for line in out.splitlines()) > 1
     eventually(lambda: delivered_all(lab))
     assert lab.ping(a, b, count=2) and lab.ping(b, a, v6=True, count=2)
 
