@@ -34,6 +34,8 @@ Captured = tuple[float, bytes]
 # which is what keeps the agent's memory flat (a batch costs about three copies of itself).
 BATCH_BYTES = 1 << 20
 QUEUE_BYTES = 16 << 20
+# Coalescing applies to reads that found fewer packets than this (or than batch_max).
+COALESCE_BELOW = 16
 
 
 class Sender:
@@ -63,6 +65,8 @@ class Sender:
     def run(self) -> None:
         fd = self.tun.fd
         poll = self.config.transport.poll_interval
+        coalesce = self.config.transport.coalesce
+        few = min(COALESCE_BELOW, self.config.transport.batch_max)
         try:
             while not self.stop.is_set():
                 if self.conn is None and self.backoff.due():
@@ -76,6 +80,13 @@ class Sender:
                 ready, _, _ = select.select([fd], [], [], timeout)
                 if ready:
                     self._drain()
+                    if coalesce and len(self.queue) < few and not self.pending:
+                        # A few packets: the rest of their train (a receiver's ACKs for a page
+                        # of data) is a fraction of a millisecond behind. One transaction for
+                        # all of them costs the tunnel that much latency, and saves a commit,
+                        # a NOTIFY and a fetch per packet or two.
+                        time.sleep(coalesce)
+                        self._drain()
                 if self.conn is not None and self.no_space.due():
                     self._flush()
         finally:

@@ -2,18 +2,19 @@
 -- as several segments (schema v7's offload column); operators count what crossed the wire.
 --
 -- The offload header is struct virtio_net_hdr in the sender's byte order: little-endian on the
--- platforms pgvpn runs on (x86-64, arm64). gso_type at byte 1, hdr_len at 2-3, gso_size at 6-7.
+-- platforms pgvpn runs on (x86-64, arm64). gso_type at byte 1, hdr_len at 2-3, gso_size at 4-5.
+-- No SET search_path: an immutable SQL function without one is inlined into the views' scans
+-- (it runs with the caller's rights and names only built-ins).
 CREATE FUNCTION pgvpn.segments(offload bytea, length integer)
 RETURNS integer
 LANGUAGE sql
 IMMUTABLE PARALLEL SAFE
-SET search_path = pg_catalog
 AS $$
 SELECT CASE
     WHEN offload IS NULL OR octet_length(offload) < 10 OR get_byte(offload, 1) = 0
-         OR get_byte(offload, 6) + 256 * get_byte(offload, 7) = 0 THEN 1
+         OR get_byte(offload, 4) + 256 * get_byte(offload, 5) = 0 THEN 1
     ELSE greatest(1, ceil((length - get_byte(offload, 2) - 256 * get_byte(offload, 3))::numeric
-                          / (get_byte(offload, 6) + 256 * get_byte(offload, 7))))::integer
+                          / (get_byte(offload, 4) + 256 * get_byte(offload, 5))))::integer
 END
 $$;
 COMMENT ON FUNCTION pgvpn.segments(bytea, integer) IS

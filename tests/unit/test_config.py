@@ -68,6 +68,7 @@ def test_defaults_and_routes() -> None:
         (with_(mode="payload", tun__offload=True, transport__allow_payload_mode=True),
          "tun.offload: payload mode cannot carry offloaded bursts"),
         (with_(tun__offload=1), "tun.offload: must be true or false"),
+        (with_(transport__coalesce=0.5), "transport.coalesce: 0.5 is out of range 0..0.1"),
         (with_(peers__1__name="a"), "peers[1].name: peer 'a' is listed twice"),
         (with_(peers__1__addresses=[]), "peers[1].addresses: peer 'b' needs at least one"),
         (with_(peers__1__addresses=["10.1.0.300/24"]), "peers[1].addresses: '10.1.0.300/24'"),
