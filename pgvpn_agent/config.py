@@ -108,7 +108,7 @@ class Transport:
     poll_interval: float = 1.0
     fetch_max: int = 512
     # Seconds a read of only a few packets waits for more before they go in one batch (0: off).
-    coalesce: float = 0.0005
+    coalesce: float = 0.0
     allow_payload_mode: bool = False
     # Send limits of this agent (0: none); the bucket holds rate_limit_burst seconds of each.
     rate_limit_packets: int = 0
@@ -215,7 +215,7 @@ def parse(raw: dict[str, Any]) -> Config:
         max_age=_num(tr_raw, "transport.", "max_age", 30.0, lo=0.1, hi=86_400 * 7),
         poll_interval=_num(tr_raw, "transport.", "poll_interval", 1.0, lo=0.01, hi=3600),
         fetch_max=_int(tr_raw, "transport.", "fetch_max", 512, lo=1, hi=100_000),
-        coalesce=_num(tr_raw, "transport.", "coalesce", 0.0005, lo=0, hi=0.1),
+        coalesce=_num(tr_raw, "transport.", "coalesce", 0.0, lo=0, hi=0.1),
         allow_payload_mode=_bool(tr_raw, "transport.", "allow_payload_mode"),
         rate_limit_packets=_int(tr_raw, "transport.", "rate_limit_packets", 0, lo=0,
                                 hi=10_000_000),

@@ -83,8 +83,8 @@ class Sender:
                     if coalesce and len(self.queue) < few and not self.pending:
                         # A few packets: the rest of their train (a receiver's ACKs for a page
                         # of data) is a fraction of a millisecond behind. One transaction for
-                        # all of them costs the tunnel that much latency, and saves a commit,
-                        # a NOTIFY and a fetch per packet or two.
+                        # all of them costs that much latency and saves a commit, a NOTIFY and
+                        # a fetch per packet or two (docs/config.md, Coalescing).
                         time.sleep(coalesce)
                         self._drain()
                 if self.conn is not None and self.no_space.due():

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import time
+
 import pytest
 
 from pgvpn_agent.lab import LabPeer
-from tests.integration.stream import deliver, eventually
+from tests.integration.stream import Stream, deliver, eventually
 
 pytestmark = pytest.mark.integration
 
@@ -89,3 +91,23 @@ def test_known_udp_packets_are_destructured(make_lab, v6):
     # the payload column is the packet itself: the datagram text is in it
     assert lab.psql("SELECT count(*) FROM pgvpn.packet WHERE dst_port = 7777 "
                     "AND position('1 ....'::bytea IN payload) > 0") != "0"
+
+
+def test_coalescing_carries_every_packet_in_fewer_batches(make_lab):
+    """Pairs of datagrams a fraction of a millisecond apart, 30 ms between pairs: without
+    coalescing the sender logs most pairs in two transactions, with it in one."""
+    lab = make_lab(peers=2, transport={"coalesce": 0.005})  # at 0: 97 batches for 100 rows
+    a, b = lab.peers
+    before = lab.agent_metrics(a)
+    stream = Stream(lab, a, b, port=7400)
+    for n in range(1, 101, 2):
+        stream.send(n)
+        stream.send(n + 1)
+        time.sleep(0.03)
+    stream.wait_count(100, timeout=10)
+    assert sorted(stream.close()) == list(range(1, 101))
+    after = lab.agent_metrics(a)
+    rows = after["pgvpn_rows_inserted_total"] - before["pgvpn_rows_inserted_total"]
+    batches = after["pgvpn_insert_batches_total"] - before["pgvpn_insert_batches_total"]
+    assert rows >= 100 and batches < 0.75 * rows, (rows, batches)
+    assert lab.ping(a, b, count=3) and lab.ping(b, a, v6=True, count=3)
