@@ -75,7 +75,8 @@ class Batches:
                 wire.nullable_int4([rnd.choice((22, 53, 80, 443, rnd.randrange(1024, 65536)))
                                     for _ in seqs]),
                 wire.fixed("int4", [1428] * BATCH), wire.booleans([False] * BATCH),
-                wire.blobs("bytea", [self.payload] * BATCH))
+                wire.blobs("bytea", [self.payload] * BATCH), wire.blobs("bytea", [None] * BATCH),
+                wire.fixed("int2", []), wire.fixed("int8", []))
 
 
 def measure(lab: Lab, prefill: int, rounds: int) -> dict[str, list[float]]:

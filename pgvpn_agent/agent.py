@@ -10,6 +10,7 @@ from types import FrameType
 
 from pgvpn_agent import metrics
 from pgvpn_agent.config import Config
+from pgvpn_agent.delivered import Delivered
 from pgvpn_agent.housekeeping import Housekeeping
 from pgvpn_agent.receiver import Receiver
 from pgvpn_agent.sender import Sender
@@ -46,10 +47,12 @@ def run(config: Config) -> int:
         )
         metrics.start(config)
         _on_signals(lambda: stop.set())
-        sender = Sender(config, tun, stop)
+        delivered = Delivered()  # receiver cursors a sender's batch may carry
+        sender = Sender(config, tun, stop, delivered)
+        receiver = Receiver(config, tun, stop, delivered)
         workers = [
             threading.Thread(target=_guard(sender.run, stop, failed), name="sender"),
-            threading.Thread(target=_guard(Receiver(config, tun, stop).run, stop, failed),
+            threading.Thread(target=_guard(receiver.run, stop, failed),
                              name="receiver"),
             threading.Thread(target=_guard(Housekeeping(config, stop, sender.disk_full).run, stop,
                                            failed), name="housekeeping"),

@@ -109,6 +109,9 @@ class Transport:
     fetch_max: int = 512
     # Seconds a read of only a few packets waits for more before they go in one batch (0: off).
     coalesce: float = 0.0
+    # Seconds a delivered page's cursor may wait for a batch of the sender to carry it before
+    # the receiver commits it itself (0: after every page). See docs/config.md.
+    save_delay: float = 0.01
     allow_payload_mode: bool = False
     # Send limits of this agent (0: none); the bucket holds rate_limit_burst seconds of each.
     rate_limit_packets: int = 0
@@ -208,7 +211,8 @@ def parse(raw: dict[str, Any]) -> Config:
     tr_raw = _table(raw, "transport")
     _known(tr_raw, "transport.",
            {"batch_max", "queue_max", "max_age", "poll_interval", "fetch_max", "coalesce",
-            "allow_payload_mode", "rate_limit_packets", "rate_limit_bytes", "rate_limit_burst"})
+            "save_delay", "allow_payload_mode", "rate_limit_packets", "rate_limit_bytes",
+            "rate_limit_burst"})
     transport = Transport(
         batch_max=_int(tr_raw, "transport.", "batch_max", 256, lo=1, hi=10_000),
         queue_max=_int(tr_raw, "transport.", "queue_max", 8192, lo=1, hi=10_000_000),
@@ -216,6 +220,7 @@ def parse(raw: dict[str, Any]) -> Config:
         poll_interval=_num(tr_raw, "transport.", "poll_interval", 1.0, lo=0.01, hi=3600),
         fetch_max=_int(tr_raw, "transport.", "fetch_max", 512, lo=1, hi=100_000),
         coalesce=_num(tr_raw, "transport.", "coalesce", 0.0, lo=0, hi=0.1),
+        save_delay=_num(tr_raw, "transport.", "save_delay", 0.01, lo=0, hi=1.0),
         allow_payload_mode=_bool(tr_raw, "transport.", "allow_payload_mode"),
         rate_limit_packets=_int(tr_raw, "transport.", "rate_limit_packets", 0, lo=0,
                                 hi=10_000_000),

@@ -50,6 +50,7 @@ DROP_REASONS = ("no_route", "malformed", "queue_full", "too_old", "db_error", "t
 RETENTION_REASONS = ("age", "size", "disk_full")
 DIRECTIONS = ("tx", "rx")
 CAUSES = ("notify", "poll")
+SAVERS = ("sender", "receiver")
 
 
 class BatchHistogram(Collector):
@@ -145,6 +146,10 @@ DELIVERY_SECONDS = BatchHistogram(
 WAKEUPS = Counter("pgvpn_receiver_wakeups", "Receiver wake-ups, by cause: notify (a "
                   "notification arrived) or poll (transport.poll_interval passed without one).",
                   ["cause"])
+CURSOR_SAVES = Counter("pgvpn_cursor_saves", "Commits of this agent's receiver cursors, by who "
+                       "made them: sender (carried by a batch of packets going back, no "
+                       "transaction of their own) or receiver (none went back within "
+                       "transport.save_delay).", ["by"])
 LAG_PACKETS = Gauge("pgvpn_cursor_lag_packets", "Packets logged on the link from the peer to "
                     "this agent but not yet delivered (link.tx_seq minus the receiver's cursor), "
                     "sampled every few seconds.", ["peer"])
@@ -199,6 +204,8 @@ def start(config: Config) -> None:
     RATE_LIMIT_BYTES.set(config.transport.rate_limit_bytes)
     for cause in CAUSES:
         WAKEUPS.labels(cause)
+    for saver in SAVERS:
+        CURSOR_SAVES.labels(saver)
     for reason in RETENTION_REASONS:
         RETENTION_DROPPED.labels(reason)
         RETENTION_FREED.labels(reason)

@@ -1,8 +1,9 @@
 """Database -> TUN: wake on NOTIFY (or a poll), fetch every new row for this peer, deliver in order.
 
-The cursor of each incoming link (rx_seq) is persisted right after the packets are written, so
-an agent restart resumes exactly where it stopped; a lost notification costs at most one poll
-interval of latency, never a packet.
+The cursor of each incoming link (rx_seq) is committed within transport.save_delay of the
+packets being written, by the sender's next batch or else by the receiver itself
+(delivered.py), so an agent restart resumes where it stopped; a lost notification costs at most
+one poll interval of latency, never a packet.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from psycopg import sql
 
 from pgvpn_agent import db, metrics, seal, tun
 from pgvpn_agent.config import Config
+from pgvpn_agent.delivered import Delivered
 from pgvpn_agent.schema import check_version
 
 log = logging.getLogger(__name__)
@@ -55,8 +57,11 @@ PAGE_BYTES = 2 << 20
 
 
 class Receiver:
-    def __init__(self, config: Config, tun: tun.Tun, stop: threading.Event) -> None:
+    def __init__(self, config: Config, tun: tun.Tun, stop: threading.Event,
+                 delivered: Delivered | None = None) -> None:
         self.config = config
+        self.delivered = delivered if delivered is not None else Delivered()
+        self.save_delay = config.transport.save_delay
         self.tun = tun
         self.stop = stop
         self.conn: db.Conn | None = None
@@ -83,24 +88,66 @@ class Receiver:
                 try:
                     if self.config.mode == "payload":
                         self._deliver_payloads(wait)
-                    else:
+                        continue
+                    due = self._save_due()
+                    if due is None or due >= wait:
                         self._wait(wait)
                         self._fetch_all()
-                        self._sample_lag()
+                    elif due > 0 and self._wait(due, poll=False):
+                        self._fetch_all()
+                    self._save_overdue()
+                    self._sample_lag()
                 except psycopg.Error as exc:
                     self._lost(exc)
         finally:
             if self.conn is not None:
+                self._save_on_exit()
                 self.conn.close()
             metrics.DB_UP.labels("rx").set(0)
 
-    def _wait(self, timeout: float) -> None:
-        """Block until a notification arrives or the poll interval passes."""
+    def _wait(self, timeout: float, poll: bool = True) -> bool:
+        """Block until a notification arrives or the timeout passes; True if one arrived."""
         assert self.conn is not None
         woke = False
         for _ in self.conn.notifies(timeout=timeout, stop_after=1):
             woke = True
-        metrics.WAKEUPS.labels("notify" if woke else "poll").inc()
+        if woke or poll:
+            metrics.WAKEUPS.labels("notify" if woke else "poll").inc()
+        return woke
+
+    def _save_due(self) -> float | None:
+        """Seconds until delivered cursors must be committed by the receiver; None: none wait."""
+        oldest = self.delivered.oldest()
+        return None if oldest is None else oldest + self.save_delay - time.monotonic()
+
+    def _save_overdue(self) -> None:
+        """Commit the cursors no batch of the sender carried within save_delay."""
+        due = self._save_due()
+        if due is not None and due <= 0:
+            self._save(self.delivered.take())
+
+    def _save(self, cursors: dict[int, int]) -> None:
+        if not cursors:
+            return  # none, or a batch is carrying them right now
+        assert self.conn is not None
+        links = sorted(cursors)
+        try:
+            self.conn.execute(SAVE_CURSORS, (links, [cursors[s] for s in links], self.me),
+                              prepare=True)
+        except BaseException:
+            self.delivered.finished(committed=False)
+            raise
+        self.delivered.finished(committed=True)
+        metrics.CURSOR_SAVES.labels("receiver").inc()
+
+    def _save_on_exit(self) -> None:
+        """Stopping: what was written to the TUN is committed before the connection closes."""
+        self.delivered.settle(timeout=2.0)
+        try:
+            self._save(self.delivered.take())
+        except psycopg.Error as exc:
+            log.warning("receiver: could not save the cursors at exit (%s); the last packets "
+                        "may be delivered again at the next start", db.describe(exc))
 
     def _fetch_all(self) -> None:
         """Fetch and deliver until no link has a full page waiting."""
@@ -155,10 +202,13 @@ class Receiver:
             done = time.time()
             self.row_bytes = 0.8 * self.row_bytes + 0.2 * (
                 sum(len(r[3]) for r in rows) / len(rows))
-            # What reached the TUN is delivered, whether or not the save below gets through.
+            # What reached the TUN is delivered, whether or not the save gets through.
             self.cursor.update(last)
-            self.conn.execute(SAVE_CURSORS, (list(last), list(last.values()), self.me),
-                              prepare=True)
+            self.delivered.post(last)
+            if self.save_delay:
+                self._save_overdue()
+            else:
+                self._save(self.delivered.take())
             if stale:
                 metrics.DROPPED.labels("too_old").inc(stale)
             if refused:

@@ -18,6 +18,7 @@ import psycopg
 
 from pgvpn_agent import db, metrics, seal, tun, wire
 from pgvpn_agent.config import Config
+from pgvpn_agent.delivered import Delivered
 from pgvpn_agent.packet import MalformedPacket, parse
 from pgvpn_agent.ratelimit import RateLimit
 from pgvpn_agent.schema import check_version
@@ -25,7 +26,7 @@ from pgvpn_agent.schema import check_version
 log = logging.getLogger(__name__)
 DISK_FULL = "53100"
 
-SEND_BATCH = "SELECT pgvpn.send_batch(%b::int2, " + ", ".join(["%b"] * 17) + ")"
+SEND_BATCH = "SELECT pgvpn.send_batch(%b::int2, " + ", ".join(["%b"] * 19) + ")"
 NOTIFY_PAYLOADS = "SELECT pg_notify(c, m) FROM unnest(%b::text[], %b::text[]) AS t (c, m)"
 
 # One queued packet: capture time (sender clock) and the bytes read, offload header first.
@@ -39,8 +40,11 @@ COALESCE_BELOW = 16
 
 
 class Sender:
-    def __init__(self, config: Config, tun: tun.Tun, stop: threading.Event) -> None:
+    def __init__(self, config: Config, tun: tun.Tun, stop: threading.Event,
+                 delivered: Delivered | None = None) -> None:
         self.config = config
+        # The receiver's cursors, carried by the next batch (pgvpn_agent/delivered.py).
+        self.delivered = delivered if delivered is not None else Delivered()
         self.tun = tun
         self.stop = stop
         self.routes = config.route_table()
@@ -249,6 +253,8 @@ class Sender:
         if not r_dst:
             return
         links = sorted(counts)
+        cursors = self.delivered.take()
+        carried = sorted(cursors)
         params = (
             ids[self.config.peer],
             self.notify,
@@ -268,9 +274,20 @@ class Sender:
             wire.booleans(r_frag),
             wire.blobs("bytea", r_payload),
             wire.blobs("bytea", r_offload),
+            wire.fixed("int2", carried),
+            wire.fixed("int8", [cursors[s] for s in carried]),
         )
         started = time.perf_counter()
-        self.conn.execute(SEND_BATCH, params, prepare=True)
+        try:
+            self.conn.execute(SEND_BATCH, params, prepare=True)
+        except BaseException:
+            # Committed or not, nobody knows: the receiver saves them again (a cursor only
+            # moves forward).
+            self.delivered.finished(committed=False)
+            raise
+        self.delivered.finished(committed=True)
+        if carried:
+            metrics.CURSOR_SAVES.labels("sender").inc()
         metrics.INSERT_SECONDS.observe(time.perf_counter() - started)
         for d in links:
             self.tx_seq[d] = next_seq[d]

@@ -79,7 +79,7 @@ def test_peer_cannot_forge_update_or_delete_log_rows(lab):
             wire.blobs("inet", [wire.INET4 + packet[16:20]]), wire.fixed("int2", [17]),
             wire.nullable_int4([1]), wire.nullable_int4([2]), wire.fixed("int4", [len(packet)]),
             wire.booleans([False]), wire.blobs("bytea", [packet] * n),
-            wire.blobs("bytea", [None] * n)))
+            wire.blobs("bytea", [None] * n), wire.fixed("int2", []), wire.fixed("int8", [])))
         assert sqlstate == "42501"
     assert lab.psql("SELECT count(*) FROM pgvpn.packet WHERE seq = 1000000000") == "0"
 
@@ -98,6 +98,31 @@ def test_peer_cannot_move_another_peers_cursor(lab):
     after = lab.psql("SELECT rx_seq FROM pgvpn.cursor "
                      f"WHERE src = {peer['peer1']} AND dst = {peer['peer2']}")
     assert before == after
+
+
+def test_cursors_carried_by_a_batch_are_only_the_senders_own(lab):
+    """send_batch() saves the caller's receiver cursors: only rows whose receiver is the caller."""
+    peer = ids(lab)
+    cursors = "SELECT src || '>' || dst || '=' || rx_seq FROM pgvpn.cursor ORDER BY 1"
+    before = dict(r.split("=") for r in lab.psql(cursors).split())
+    target = 10**9
+    with as_peer(lab, "peer1") as conn:
+        # a batch without packets that only carries cursors, naming every source peer
+        empty_int2, empty_int8 = wire.fixed("int2", []), wire.fixed("int8", [])
+        conn.execute(SEND_BATCH, (
+            peer["peer1"], False, empty_int2, empty_int8, empty_int8, empty_int2, empty_int8,
+            wire.timestamps([]), empty_int2, wire.blobs("inet", []), wire.blobs("inet", []),
+            empty_int2, wire.nullable_int4([]), wire.nullable_int4([]), wire.fixed("int4", []),
+            wire.booleans([]), wire.blobs("bytea", []), wire.blobs("bytea", []),
+            wire.fixed("int2", sorted(peer.values())),
+            wire.fixed("int8", [target] * len(peer))))
+    after = dict(r.split("=") for r in lab.psql(cursors).split())
+    assert before.keys() == after.keys() and len(after) == 6
+    for link, seq in after.items():
+        if link.endswith(f">{peer['peer1']}"):
+            assert int(seq) == target, link
+        else:
+            assert seq == before[link], f"peer1 moved the cursor of link {link}"
 
 
 def test_peer_cannot_change_the_schema(lab):

@@ -111,3 +111,35 @@ def test_coalescing_carries_every_packet_in_fewer_batches(make_lab):
     batches = after["pgvpn_insert_batches_total"] - before["pgvpn_insert_batches_total"]
     assert rows >= 100 and batches < 0.75 * rows, (rows, batches)
     assert lab.ping(a, b, count=3) and lab.ping(b, a, v6=True, count=3)
+
+
+def test_cursor_commits_ride_on_replies_and_one_way_traffic_commits_alone(make_lab):
+    """Ping replies carry the receiver's cursor in their batch; datagrams that nothing answers
+    have it committed by the receiver within save_delay. Either way the cursor catches up."""
+    lab = make_lab(peers=2)
+    a, b = lab.peers
+    by_sender, by_receiver = ('pgvpn_cursor_saves_total{by="sender"}',
+                              'pgvpn_cursor_saves_total{by="receiver"}')
+    before = lab.agent_metrics(b)
+    assert lab.ping(a, b, count=10)
+    after = lab.agent_metrics(b)
+    carried = after[by_sender] - before[by_sender]
+    alone = after[by_receiver] - before[by_receiver]
+    assert carried >= 6 and carried > alone, (carried, alone)
+
+    before = after
+    stream = Stream(lab, a, b, port=7401)  # one way: the receiving side sends nothing back
+    for n in range(1, 31):
+        stream.send(n)
+        time.sleep(0.03)
+    stream.wait_count(30, timeout=10)
+    assert sorted(stream.close()) == list(range(1, 31))
+
+    def caught_up() -> None:
+        behind = lab.psql("SELECT count(*) FROM pgvpn.cursor c JOIN pgvpn.link l "
+                          "USING (src, dst) WHERE c.rx_seq <> l.tx_seq")
+        assert behind == "0"
+
+    eventually(caught_up, timeout=5)
+    after = lab.agent_metrics(b)
+    assert after[by_receiver] - before[by_receiver] >= 10
