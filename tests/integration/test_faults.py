@@ -82,6 +82,32 @@ def test_agents_killed_and_restarted_mid_transfer(make_lab):
     assert accepted > 200 and 400 in received, "the tunnel did not come back"
 
 
+def test_sigterm_commits_every_cursor_it_delivered(make_lab):
+    """One-way traffic waits save_delay for a batch to carry its cursor; a stopping agent
+    commits it first, so its restart delivers nothing twice."""
+    lab = make_lab(peers=2, transport={"max_age": 300.0, "save_delay": 1.0})
+    a, b = lab.peers
+    stream = Stream(lab, a, b, port=PORT)
+    for n in range(1, 21):
+        assert stream.send(n)
+        time.sleep(0.005)
+    assert stream.wait_for(20, timeout=10)
+    lab.stop_agent(b)  # SIGTERM, well inside save_delay
+    link = ("FROM pgvpn.{} WHERE src = (SELECT id FROM pgvpn.peer WHERE name = 'peer1') "
+            "AND dst = (SELECT id FROM pgvpn.peer WHERE name = 'peer2')")
+    assert lab.psql("SELECT rx_seq " + link.format("cursor")) == lab.psql(
+        "SELECT tx_seq " + link.format("link"))
+    lab.start_agent(b)
+    lab.wait_mesh(timeout=30)
+    for n in range(21, 41):
+        assert stream.send(n)
+        time.sleep(0.005)
+    settle(stream, lab)
+    received = stream.close()
+    assert_exactly_once(lab, received)
+    assert sorted(received) == list(range(1, 41))
+
+
 @pytest.mark.parametrize("mode", ["fast", "immediate"])
 def test_postgres_restarted_mid_transfer(make_lab, mode):
     lab = make_lab(peers=2, transport={"max_age": 300.0})
