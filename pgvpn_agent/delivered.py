@@ -14,7 +14,8 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 
 
 class Delivered:
@@ -45,6 +46,25 @@ class Delivered:
             self._carried, self._pending = self._pending, {}
             self._carried_since = self._since
             return dict(self._carried)
+
+    @contextmanager
+    def carry(self) -> Iterator[dict[int, int]]:
+        """take() for the transaction in the block, finished() by how the block ends.
+
+        An error says nothing certain about the commit, so the cursors are pending again: at
+        worst committed twice (a cursor only moves forward). Nothing taken, nothing finished:
+        the transaction in flight elsewhere keeps its claim.
+        """
+        cursors = self.take()
+        if not cursors:
+            yield cursors
+            return
+        try:
+            yield cursors
+        except BaseException:
+            self.finished(committed=False)
+            raise
+        self.finished(committed=True)
 
     def finished(self, committed: bool) -> None:
         """The transaction that took them committed, or did not (then they are pending again)."""

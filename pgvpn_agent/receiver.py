@@ -124,27 +124,24 @@ class Receiver:
         """Commit the cursors no batch of the sender carried within save_delay."""
         due = self._save_due()
         if due is not None and due <= 0:
-            self._save(self.delivered.take())
+            self._save()
 
-    def _save(self, cursors: dict[int, int]) -> None:
-        if not cursors:
-            return  # none, or a batch is carrying them right now
+    def _save(self) -> None:
+        """Commit the delivered cursors, unless a batch of the sender carries them right now."""
         assert self.conn is not None
-        links = sorted(cursors)
-        try:
+        with self.delivered.carry() as cursors:
+            if not cursors:
+                return
+            links = sorted(cursors)
             self.conn.execute(SAVE_CURSORS, (links, [cursors[s] for s in links], self.me),
                               prepare=True)
-        except BaseException:
-            self.delivered.finished(committed=False)
-            raise
-        self.delivered.finished(committed=True)
         metrics.CURSOR_SAVES.labels("receiver").inc()
 
     def _save_on_exit(self) -> None:
         """Stopping: what was written to the TUN is committed before the connection closes."""
         self.delivered.settle(timeout=2.0)
         try:
-            self._save(self.delivered.take())
+            self._save()
         except psycopg.Error as exc:
             log.warning("receiver: could not save the cursors at exit (%s); the last packets "
                         "may be delivered again at the next start", db.describe(exc))
@@ -205,10 +202,7 @@ class Receiver:
             # What reached the TUN is delivered, whether or not the save gets through.
             self.cursor.update(last)
             self.delivered.post(last)
-            if self.save_delay:
-                self._save_overdue()
-            else:
-                self._save(self.delivered.take())
+            self._save_overdue()  # at once with save_delay = 0
             if stale:
                 metrics.DROPPED.labels("too_old").inc(stale)
             if refused:

@@ -253,39 +253,32 @@ class Sender:
         if not r_dst:
             return
         links = sorted(counts)
-        cursors = self.delivered.take()
-        carried = sorted(cursors)
-        params = (
-            ids[self.config.peer],
-            self.notify,
-            wire.fixed("int2", links),
-            wire.fixed("int8", [self.tx_seq[d] + 1 for d in links]),
-            wire.fixed("int8", [next_seq[d] for d in links]),
-            wire.fixed("int2", r_dst),
-            wire.fixed("int8", r_seq),
-            wire.timestamps(r_sent),
-            wire.fixed("int2", r_ver),
-            wire.blobs("inet", r_src),
-            wire.blobs("inet", r_dsta),
-            wire.fixed("int2", r_proto),
-            wire.nullable_int4(r_sport),
-            wire.nullable_int4(r_dport),
-            wire.fixed("int4", r_len),
-            wire.booleans(r_frag),
-            wire.blobs("bytea", r_payload),
-            wire.blobs("bytea", r_offload),
-            wire.fixed("int2", carried),
-            wire.fixed("int8", [cursors[s] for s in carried]),
-        )
-        started = time.perf_counter()
-        try:
+        with self.delivered.carry() as cursors:
+            carried = sorted(cursors)
+            params = (
+                ids[self.config.peer],
+                self.notify,
+                wire.fixed("int2", links),
+                wire.fixed("int8", [self.tx_seq[d] + 1 for d in links]),
+                wire.fixed("int8", [next_seq[d] for d in links]),
+                wire.fixed("int2", r_dst),
+                wire.fixed("int8", r_seq),
+                wire.timestamps(r_sent),
+                wire.fixed("int2", r_ver),
+                wire.blobs("inet", r_src),
+                wire.blobs("inet", r_dsta),
+                wire.fixed("int2", r_proto),
+                wire.nullable_int4(r_sport),
+                wire.nullable_int4(r_dport),
+                wire.fixed("int4", r_len),
+                wire.booleans(r_frag),
+                wire.blobs("bytea", r_payload),
+                wire.blobs("bytea", r_offload),
+                wire.fixed("int2", carried),
+                wire.fixed("int8", [cursors[s] for s in carried]),
+            )
+            started = time.perf_counter()
             self.conn.execute(SEND_BATCH, params, prepare=True)
-        except BaseException:
-            # Committed or not, nobody knows: the receiver saves them again (a cursor only
-            # moves forward).
-            self.delivered.finished(committed=False)
-            raise
-        self.delivered.finished(committed=True)
         if carried:
             metrics.CURSOR_SAVES.labels("sender").inc()
         metrics.INSERT_SECONDS.observe(time.perf_counter() - started)

@@ -74,3 +74,26 @@ def test_settle_waits_for_the_transaction_in_flight():
     d.settle(timeout=5)
     assert 0.03 < time.monotonic() - started < 2
     d.settle(timeout=5)  # nothing in flight: returns at once
+
+
+def test_carry_finishes_only_what_it_took():
+    d = Delivered()
+    d.post({1: 5})
+    with d.carry() as first:
+        assert first == {1: 5}
+        d.post({1: 6})
+        with d.carry() as second:
+            assert second == {}  # the first transaction is in flight
+        assert d.take() == {}, "an empty carry must not release the first one's claim"
+    assert d.take() == {1: 6}
+
+
+def test_carry_puts_the_cursors_back_when_the_block_fails():
+    d = Delivered()
+    d.post({2: 3})
+    try:
+        with d.carry():
+            raise RuntimeError("connection lost")
+    except RuntimeError:
+        pass
+    assert d.take() == {2: 3}
