@@ -85,7 +85,8 @@ def measure(lab: Lab, prefill: int, rounds: int) -> dict[str, list[float]]:
     samples: dict[str, list[float]] = {name: [] for name in VARIANTS}
     with psycopg.connect(lab.dsn("pgvpn_peer1"), autocommit=True) as conn:
         wire.register(conn)
-        ids: dict[str, int] = dict(conn.execute("SELECT name, id FROM pgvpn.register_peers(%s)",
+        ids: dict[str, int] = dict(conn.execute("SELECT name, id FROM pgvpn.peer "
+                                               "WHERE name = ANY (%s)",
                                                (["peer1", "peer2"],)).fetchall())
         # the day so far arrived on the other link, so its sequence numbers never collide
         with psycopg.connect(lab.dsn(), autocommit=True) as admin:

@@ -1,4 +1,8 @@
-"""`pgvpn run`: one TUN device, one sender thread, one receiver thread, clean shutdown."""
+"""`pgvpn run`: one TUN device, one sender thread, one receiver thread, clean shutdown.
+
+Housekeeping (partitions, retention) is not the agent's: a peer's login may not run it
+(`pgvpn db housekeeping` on the database host does).
+"""
 
 from __future__ import annotations
 
@@ -9,9 +13,8 @@ from collections.abc import Callable
 from types import FrameType
 
 from pgvpn_agent import metrics
-from pgvpn_agent.config import Config
+from pgvpn_agent.config import Config, Retention
 from pgvpn_agent.delivered import Delivered
-from pgvpn_agent.housekeeping import Housekeeping
 from pgvpn_agent.receiver import Receiver
 from pgvpn_agent.sender import Sender
 from pgvpn_agent.tun import configure, open_tun
@@ -33,6 +36,10 @@ def run(config: Config) -> int:
             "change passwords and packets. Use sslmode = \"verify-full\" with sslrootcert.",
             config.database.sslmode,
         )
+    if config.retention != Retention():
+        log.warning("[retention] in the agent's config is ignored: retention runs in the "
+                    "housekeeping service on the database host (`pgvpn db housekeeping`, "
+                    "Ansible: pgvpn_postgresql_retention_*); remove the section")
     tun = open_tun(config.tun.name, offload=config.tun.offload)
     stop = threading.Event()
     failed = threading.Event()
@@ -54,8 +61,6 @@ def run(config: Config) -> int:
             threading.Thread(target=_guard(sender.run, stop, failed), name="sender"),
             threading.Thread(target=_guard(receiver.run, stop, failed),
                              name="receiver"),
-            threading.Thread(target=_guard(Housekeeping(config, stop, sender.disk_full).run, stop,
-                                           failed), name="housekeeping"),
         ]
         for w in workers:
             w.start()

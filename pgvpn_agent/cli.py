@@ -9,6 +9,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import psycopg
+
 from pgvpn_agent import config as configuration
 from pgvpn_agent import logquery, seal
 
@@ -30,6 +32,9 @@ def main(argv: list[str] | None = None) -> int:
     except (configuration.ConfigError, logquery.FilterError, RuntimeError, OSError) as exc:
         print(f"pgvpn: error: {exc}", file=sys.stderr)
         return 2
+    except psycopg.Error as exc:
+        print(f"pgvpn: database error: {str(exc).strip()}", file=sys.stderr)
+        return 2
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -50,22 +55,54 @@ def _parser() -> argparse.ArgumentParser:
                             "(payload encryption at rest)")
     keygen.set_defaults(func=_keygen)
 
-    dbp = sub.add_parser("db", help="database schema").add_subparsers(required=True)
+    dbp = sub.add_parser("db", help="the database: schema, peers, housekeeping").add_subparsers(
+        required=True)
     for name, text in (("init", "install the schema in an empty database"),
                        ("migrate", "bring the schema to this agent's version (idempotent)")):
         c = dbp.add_parser(name, help=text)
-        src = c.add_mutually_exclusive_group(required=True)
-        src.add_argument("--dsn", help="libpq conninfo of a role that may create the schema")
-        src.add_argument("--config", type=Path, help="use [database] of this agent config")
-        c.add_argument("--owner", help="role to own the pgvpn schema")
+        c.add_argument("--dsn", required=True, help="libpq conninfo of a superuser")
+        c.add_argument("--owner", default=None,
+                       help="NOLOGIN role to own the pgvpn schema (default pgvpn_owner)")
+        c.add_argument("--target", type=int, help="stop at this schema version")
         c.set_defaults(func=_db_migrate)
+    reg = dbp.add_parser("register", help="register peers by name (with links to every other "
+                         "registered peer); agents do not register themselves")
+    reg.add_argument("--dsn", required=True, help="libpq conninfo of pgvpn_operator or a "
+                     "superuser")
+    reg.add_argument("names", nargs="+", metavar="NAME")
+    reg.set_defaults(func=_db_register)
+    rev = dbp.add_parser("revoke", help="cut a peer off now: no login, sessions ended, its "
+                         "login maps to no peer (its rows stay)")
+    rev.add_argument("--dsn", required=True, help="libpq conninfo of a superuser")
+    rev.add_argument("--peer", required=True)
+    rev.set_defaults(func=_db_revoke)
+    ref = dbp.add_parser("reference", help="print the schema reference (Markdown) of a "
+                         "migrated database")
+    ref.add_argument("--dsn", required=True)
+    ref.set_defaults(func=_db_reference)
     ret = dbp.add_parser("retention", help="drop old log partitions now (by age and/or size)")
-    src = ret.add_mutually_exclusive_group(required=True)
-    src.add_argument("--dsn", help="libpq conninfo of an agent or the owner")
-    src.add_argument("--config", type=Path, help="use [database] and [retention] of this config")
+    ret.add_argument("--dsn", required=True, help="libpq conninfo of pgvpn_operator")
     ret.add_argument("--keep-days", type=int, help="drop days older than this")
     ret.add_argument("--max-size", help="drop oldest days while the log is larger, e.g. 50GB")
     ret.set_defaults(func=_db_retention)
+    hk = dbp.add_parser("housekeeping", help="run the housekeeping service next to PostgreSQL: "
+                        "partitions ahead, closed-day indexes, retention, free space, watchdog")
+    hk.add_argument("--dsn", required=True, help="libpq conninfo of the housekeeping login "
+                    "(member of pgvpn_operator, pg_monitor, pg_signal_backend)")
+    hk.add_argument("--keep-days", type=int, help="drop days older than this")
+    hk.add_argument("--max-size", help="drop oldest days while the log is larger, e.g. 50GB")
+    hk.add_argument("--every", type=float, default=300.0, help="seconds between retention runs")
+    hk.add_argument("--on-disk-full", choices=configuration.ON_DISK_FULL, default="drop_new",
+                    help="drop_oldest: drop the oldest closed day while less than --min-free "
+                    "is available where today's log is written")
+    hk.add_argument("--min-free", default="1GB", help="free space drop_oldest keeps (default "
+                    "1GB)")
+    hk.add_argument("--max-transaction", type=float, default=60.0,
+                    help="end peer sessions holding a transaction open longer than this many "
+                    "seconds (0: off; default 60)")
+    hk.add_argument("--metrics-address", default="127.0.0.1")
+    hk.add_argument("--metrics-port", type=int, default=9480, help="0: no metrics endpoint")
+    hk.set_defaults(func=_db_housekeeping)
     dbm = dbp.add_parser("metrics", help="serve database-side Prometheus metrics (log size, "
                          "disk, NOTIFY queue); run one, next to PostgreSQL")
     src = dbm.add_mutually_exclusive_group(required=True)
@@ -171,33 +208,68 @@ def _keygen(args: argparse.Namespace) -> int:
 def _db_migrate(args: argparse.Namespace) -> int:
     from pgvpn_agent import db, schema
 
-    database = (configuration.load(args.config).database if args.config
-                else configuration.Database(dsn=args.dsn))
-    with db.connect(database, "pgvpn-migrate") as conn:
-        applied = schema.migrate(conn, owner=args.owner)
+    with db.connect(configuration.Database(dsn=args.dsn), "pgvpn-migrate") as conn:
+        applied = schema.migrate(conn, owner=args.owner or schema.OWNER, target=args.target)
+        version = schema.current_version(conn)
     if applied:
-        print(f"applied migrations {', '.join(map(str, applied))}; schema at {schema.LATEST}")
+        print(f"applied migrations {', '.join(map(str, applied))}; schema at {version}")
     else:
-        print(f"schema already at version {schema.LATEST}")
+        print(f"schema already at version {version}")
     return 0
+
+
+def _db_register(args: argparse.Namespace) -> int:
+    from pgvpn_agent import admin, db
+
+    for name in args.names:
+        configuration.check_peer_name(name, "NAME")
+    with db.connect(configuration.Database(dsn=args.dsn), "pgvpn-register") as conn:
+        ids = admin.register(conn, args.names)
+    print(" ".join(f"{name}={ids[name]}" for name in args.names))
+    return 0
+
+
+def _db_revoke(args: argparse.Namespace) -> int:
+    from pgvpn_agent import admin, db
+
+    with db.connect(configuration.Database(dsn=args.dsn), "pgvpn-revoke") as conn:
+        revoked = admin.revoke(conn, args.peer)
+    print(f"peer {args.peer} revoked: role {revoked.role} may not log in, "
+          f"{revoked.sessions} sessions ended; rotate the pair keys it held (docs/deploy.md)")
+    return 0
+
+
+def _db_reference(args: argparse.Namespace) -> int:
+    from pgvpn_agent import db, reference
+
+    with db.connect(configuration.Database(dsn=args.dsn), "pgvpn-reference") as conn:
+        print(reference.render(conn), end="")
+    return 0
+
+
+def _db_housekeeping(args: argparse.Namespace) -> int:
+    from pgvpn_agent import housekeeping
+
+    raw = {"keep_days": args.keep_days, "max_size": args.max_size, "every": args.every,
+           "on_disk_full": args.on_disk_full, "min_free": args.min_free}
+    policy = configuration.parse_retention({k: v for k, v in raw.items() if v is not None})
+    if args.max_transaction < 0:
+        raise configuration.ConfigError("--max-transaction: seconds >= 0 (0: off)")
+    return housekeeping.serve(configuration.Database(dsn=args.dsn), policy,
+                              args.max_transaction, args.metrics_address,
+                              args.metrics_port or None)
 
 
 def _db_retention(args: argparse.Namespace) -> int:
     from pgvpn_agent import db
     from pgvpn_agent.housekeeping import apply_retention
 
-    if args.config:
-        cfg = configuration.load(args.config)
-        database, policy = cfg.database, cfg.retention
-    else:
-        database, policy = configuration.Database(dsn=args.dsn), configuration.Retention()
     raw = {"keep_days": args.keep_days, "max_size": args.max_size}
-    override = configuration.parse_retention({k: v for k, v in raw.items() if v is not None})
-    keep = override.keep_days or policy.keep_days
-    max_bytes = override.max_bytes or policy.max_bytes
+    policy = configuration.parse_retention({k: v for k, v in raw.items() if v is not None})
+    keep, max_bytes = policy.keep_days, policy.max_bytes
     if keep is None and max_bytes is None:
         raise configuration.ConfigError("retention: give --keep-days and/or --max-size")
-    with db.connect(database, "pgvpn-retention") as conn:
+    with db.connect(configuration.Database(dsn=args.dsn), "pgvpn-retention") as conn:
         dropped = apply_retention(conn, keep, max_bytes)
     for part, day, size, reason in dropped:
         print(f"dropped {part} ({day}, {size / 1e6:.1f} MB) by {reason}")

@@ -18,7 +18,7 @@ from typing import Any
 from psycopg import ProgrammingError
 from psycopg.conninfo import conninfo_to_dict
 
-from pgvpn_agent.routing import RouteTable, RoutingError
+from pgvpn_agent.routing import RouteTable, RoutingError, SourceFilter
 
 MODES = ("logged", "trigger", "payload")
 ON_DISK_FULL = ("drop_new", "drop_oldest")
@@ -26,6 +26,8 @@ ON_DISK_FULL = ("drop_new", "drop_oldest")
 SSLMODES = ("disable", "allow", "prefer", "require", "verify-ca", "verify-full")
 _TLS_KEYS = ("sslmode", "sslrootcert", "sslcert", "sslkey")
 PEER_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,49}$")
+# Peer names whose login role (pgvpn_<name>) would be one of the project's own roles.
+RESERVED_PEER_NAMES = ("agent", "reader", "operator", "owner", "housekeeping", "metrics")
 # NOTIFY payloads are limited to 8000 bytes; a packet travels base64-encoded with a short header.
 PAYLOAD_MODE_MAX_MTU = 5900
 _TWO_PEERS = "peers: at least two [[peers]] tables are required (this one and another)"
@@ -128,15 +130,20 @@ class Metrics:
 
 @dataclass(frozen=True)
 class Retention:
-    """Off by default: deleting an audit log is the operator's decision."""
+    """What the housekeeping service (`pgvpn db housekeeping`) drops, and when.
+
+    Off by default: deleting an audit log is the operator's decision.
+    """
 
     keep_days: int | None = None
     max_bytes: int | None = None
     every: float = 300.0
-    # What frees space when the database refuses inserts for a full disk: drop_new drops the
-    # packets that cannot be logged and waits for the operator; drop_oldest also drops the
-    # oldest closed day of the log (one per try) until inserts succeed again.
+    # What frees space before the database refuses inserts for a full disk: drop_new leaves the
+    # log alone (the senders drop what cannot be logged) and waits for the operator;
+    # drop_oldest drops the oldest closed day of the log, one at a time, while fewer than
+    # min_free bytes are available where today's log is written.
     on_disk_full: str = "drop_new"
+    min_free: int = 1 << 30
 
 
 @dataclass(frozen=True)
@@ -162,6 +169,11 @@ class Config:
 
     def route_table(self) -> RouteTable:
         return RouteTable((str(net), p.name) for p in self.others for net in p.prefixes())
+
+    def source_filter(self) -> SourceFilter:
+        """Incoming packets: every peer's prefixes, this one's included (a source this agent owns
+        is no other peer's to send from)."""
+        return SourceFilter((str(net), p.name) for p in self.peers for net in p.prefixes())
 
 
 def load(path: str | os.PathLike[str]) -> Config:
@@ -300,8 +312,12 @@ def _database(raw: dict[str, Any]) -> Database:
     if sslmode is not None and sslmode not in SSLMODES:
         raise ConfigError(f"database.sslmode: {sslmode!r} is not one of {', '.join(SSLMODES)}")
     # libpq ignores sslmode on a unix socket, which its file permissions and pg_hba `local`
-    # lines guard. Without a host libpq takes PGHOST, else its default socket directory.
-    hosts = str(params.get("host") or os.environ.get("PGHOST") or "/").split(",")
+    # lines guard. Without a host libpq takes PGHOST, else its default socket directory —
+    # unless a service names one in a file the agent does not read: then it may be a network
+    # host, and TLS is required as for any.
+    service = params.get("service") or os.environ.get("PGSERVICE")
+    hosts = str(params.get("host") or os.environ.get("PGHOST")
+                or ("service" if service else "/")).split(",")
     local = (not (params.get("hostaddr") or os.environ.get("PGHOSTADDR"))
              and all(h.startswith(("/", "@")) for h in hosts))
     insecure = False
@@ -336,24 +352,30 @@ _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]?)B?\s*$", re.IGNORECASE)
 
 
 def parse_retention(raw: dict[str, Any]) -> Retention:
-    _known(raw, "retention.", {"keep_days", "max_size", "every", "on_disk_full"})
+    _known(raw, "retention.", {"keep_days", "max_size", "every", "on_disk_full", "min_free"})
     keep = raw.get("keep_days")
     if keep is not None:
         keep = _int(raw, "retention.", "keep_days", 0, lo=1, hi=36_500)
-    size = raw.get("max_size")
-    max_bytes = None
-    if size is not None:
-        match = _SIZE.match(str(size)) if isinstance(size, str | int) else None
-        if not match or isinstance(size, bool):
-            raise ConfigError(f"retention.max_size: {size!r} is not a size like \"50GB\"")
-        scale = 1024 ** " KMGT".index(match.group(2).upper() or " ")
-        max_bytes = int(float(match.group(1)) * scale)
+    max_bytes = _size(raw, "max_size")
+    min_free = _size(raw, "min_free")
     every = _num(raw, "retention.", "every", 300.0, lo=10, hi=86_400)
     on_disk_full = _str(raw, "retention.", "on_disk_full", default="drop_new")
     if on_disk_full not in ON_DISK_FULL:
         raise ConfigError(f"retention.on_disk_full: {on_disk_full!r} is not one of "
                           f"{', '.join(ON_DISK_FULL)}")
-    return Retention(keep_days=keep, max_bytes=max_bytes, every=every, on_disk_full=on_disk_full)
+    return Retention(keep_days=keep, max_bytes=max_bytes, every=every, on_disk_full=on_disk_full,
+                     min_free=Retention.min_free if min_free is None else min_free)
+
+
+def _size(raw: dict[str, Any], key: str) -> int | None:
+    size = raw.get(key)
+    if size is None:
+        return None
+    match = _SIZE.match(str(size)) if isinstance(size, str | int) else None
+    if not match or isinstance(size, bool):
+        raise ConfigError(f"retention.{key}: {size!r} is not a size like \"50GB\"")
+    scale = 1024 ** " KMGT".index(match.group(2).upper() or " ")
+    return int(float(match.group(1)) * scale)
 
 
 def _peers(raw: dict[str, Any]) -> tuple[Peer, ...]:
@@ -368,10 +390,7 @@ def _peers(raw: dict[str, Any]) -> tuple[Peer, ...]:
             raise ConfigError(f"peers[{i}]: must be a table ([[peers]])")
         _known(item, where, {"name", "addresses", "routes"})
         name = _str(item, where, "name", required=True)
-        if not PEER_NAME.match(name):
-            raise ConfigError(
-                f"{where}name: {name!r} must be 1-50 characters of letters, digits, '_', '.', '-'"
-            )
+        check_peer_name(name, f"{where}name")
         if name in seen:
             raise ConfigError(f"{where}name: peer {name!r} is listed twice")
         seen.add(name)
@@ -396,6 +415,16 @@ def _peers(raw: dict[str, Any]) -> tuple[Peer, ...]:
     if len(peers) < 2:
         raise ConfigError(_TWO_PEERS)
     return tuple(peers)
+
+
+def check_peer_name(name: str, where: str) -> None:
+    if not PEER_NAME.match(name):
+        raise ConfigError(
+            f"{where}: {name!r} must be 1-50 characters of letters, digits, '_', '.', '-'")
+    role = re.sub(r"[^a-z0-9_]", "_", name.lower())
+    if role in RESERVED_PEER_NAMES:
+        raise ConfigError(f"{where}: {name!r} is reserved (its login role pgvpn_{role} would "
+                          "be one of pgvpn's own roles); choose another name")
 
 
 def _known(table: dict[str, Any], where: str, keys: set[str]) -> None:

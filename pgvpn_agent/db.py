@@ -16,10 +16,11 @@ log = logging.getLogger(__name__)
 
 Conn = psycopg.Connection[Any]
 
-# Advisory lock namespace: (this, peer id) is held by the agent of that peer, one per direction,
-# so a second agent started with the same peer name waits instead of interleaving packets.
-LOCK_SENDER = 0x7076_0001
-LOCK_RECEIVER = 0x7076_0002
+# The agent of a peer holds one lock per direction, so a second agent started with the same
+# peer name is refused instead of interleaving packets. pgvpn.lock_peer() takes it, keyed on the
+# caller's own peer id: peers may not take advisory locks themselves (schema v11).
+LOCK_SENDER = 1
+LOCK_RECEIVER = 2
 
 
 class AlreadyRunning(RuntimeError):
@@ -73,18 +74,37 @@ def tls_hint(database: Database, message: str) -> str:
     return ""
 
 
-def lock_peer(conn: Conn, namespace: int, peer_id: int, peer: str) -> None:
-    row = conn.execute("SELECT pg_try_advisory_lock(%s, %s)", (namespace, peer_id)).fetchone()
+def lock_peer(conn: Conn, direction: int, peer: str) -> None:
+    row = conn.execute("SELECT pgvpn.lock_peer(%s::int2)", (direction,)).fetchone()
     if not row or not row[0]:
         raise AlreadyRunning(
             f"another pgvpn agent is connected as peer {peer!r}; each peer name must run once"
         )
 
 
-def register(conn: Conn, names: list[str]) -> dict[str, int]:
-    """Make sure every configured peer and link exists; returns name -> id."""
-    rows = conn.execute("SELECT name, id FROM pgvpn.register_peers(%s::text[])", (names,))
-    return {str(name): int(pid) for name, pid in rows}
+class NotRegistered(RuntimeError):
+    """This agent's peer is not (or no longer) in pgvpn.peer."""
+
+
+def peer_ids(conn: Conn, me: str, names: list[str]) -> dict[str, int]:
+    """name -> id of the configured peers the operator registered; this agent's own must be.
+
+    Agents do not register peers (a peer's login may not): the operator does, with
+    `pgvpn db register` or site.yml. A configured peer missing from the database is left out,
+    and packets routed to it are counted as no_route, so the others keep working.
+    """
+    rows = conn.execute("SELECT name, id FROM pgvpn.peer WHERE name = ANY (%s::text[]) "
+                        "AND revoked_at IS NULL", (names,))
+    ids = {str(name): int(pid) for name, pid in rows}
+    if me not in ids:
+        raise NotRegistered(
+            f"peer {me!r} is not registered in the database, or was revoked: the operator "
+            f"registers peers with `pgvpn db register` (site.yml does it for its inventory)")
+    missing = sorted(set(names) - set(ids))
+    if missing:
+        log.warning("peers %s of this agent's config are not registered in the database; "
+                    "packets routed to them are dropped as no_route", ", ".join(missing))
+    return ids
 
 
 class Backoff:

@@ -1,12 +1,17 @@
-"""Database work that is not on any packet's path: partitions ahead of time, retention.
+"""`pgvpn db housekeeping`: the database work no packet waits for, on the database host.
 
-It runs on its own small connection pool and thread pool, so a slow DROP or a reconnect here
-never stalls the sender or the receiver, and a failure costs one period, never a packet.
+Partitions ahead of time, indexes on closed days, retention, room on a filling disk, and a
+watchdog over peer sessions. It runs as its own login (pgvpn_housekeeping, a member of
+pgvpn_operator), not in the agents: a peer's credentials reach no operator function (schema
+v11, docs/security.md). Jobs run on a small connection pool and thread pool, so a slow DROP or
+a reconnect costs one period of that job, never another job's.
 """
 
 from __future__ import annotations
 
 import logging
+import os
+import signal
 import threading
 import time
 from collections.abc import Callable
@@ -18,7 +23,7 @@ import psycopg
 from psycopg_pool import ConnectionPool, PoolTimeout
 
 from pgvpn_agent import db, metrics, wire
-from pgvpn_agent.config import Config
+from pgvpn_agent.config import Database, Retention
 
 log = logging.getLogger(__name__)
 
@@ -46,40 +51,82 @@ def index_closed_days(conn: db.Conn) -> None:
         log.info("created %d address and port indexes on closed days of the log", row[0])
 
 
-def retention(keep_days: int | None, max_bytes: int | None) -> Job:
+def retention_job(keep_days: int | None, max_bytes: int | None) -> Job:
     def run(conn: db.Conn) -> None:
         _report(apply_retention(conn, keep_days, max_bytes))
 
     return run
 
 
-class FreeSpace:
-    """retention.on_disk_full = "drop_oldest": make room when the sender's inserts hit a full disk.
+# Where today's rows are written: its partition's tablespace, else the data directory.
+_LOG_DIRECTORY = """
+SELECT coalesce(nullif(pg_tablespace_location(
+           coalesce(nullif(c.reltablespace, 0),
+                    (SELECT dattablespace FROM pg_database WHERE datname = current_database()))),
+       ''), current_setting('data_directory'))
+FROM pg_class c
+WHERE c.oid = coalesce(
+    to_regclass('pgvpn.packet_' || to_char(now() AT TIME ZONE 'UTC', 'YYYYMMDD')),
+    'pgvpn.packet_default'::regclass)
+"""
 
-    One oldest closed day per failure the sender reports: after a drop the signal is cleared,
-    and only a further failed insert (the disk is still full) asks for the next day. So an idle
-    tunnel drops nothing more, and a disk filled by something other than the log costs one day
-    per try, each logged and counted, not the whole log at once.
+
+class FreeSpace:
+    """on_disk_full = "drop_oldest": keep min_free bytes available where today's log is written.
+
+    One oldest closed day per run (every few seconds) while space is short, each logged and
+    counted: a disk filled by something other than the log costs one day per run, not the
+    whole log at once, and today's day is never dropped. Runs next to PostgreSQL: the service
+    reads the filesystem itself.
     """
 
-    def __init__(self, disk_full: threading.Event) -> None:
-        self.disk_full = disk_full
+    def __init__(self, min_free: int) -> None:
+        self.min_free = min_free
         self.warned = False
 
     def __call__(self, conn: db.Conn) -> None:
-        if not self.disk_full.is_set():
+        row = conn.execute(_LOG_DIRECTORY).fetchone()
+        assert row is not None
+        fs = os.statvfs(str(row[0]))
+        avail = fs.f_bavail * fs.f_frsize
+        metrics.LOG_FILESYSTEM_AVAIL.set(avail)
+        if avail >= self.min_free:
             self.warned = False
             return
-        row = conn.execute("SELECT coalesce(sum(bytes), 0) FROM pgvpn.partitions()").fetchone()
-        assert row is not None
+        total = conn.execute("SELECT coalesce(sum(bytes), 0) FROM pgvpn.partitions()").fetchone()
+        assert total is not None
         # a budget one byte under the log's size: apply_retention drops exactly the oldest day
-        if _report(apply_retention(conn, None, int(row[0]) - 1), "disk_full"):
-            self.disk_full.clear()
-        elif not self.warned:
+        if not _report(apply_retention(conn, None, int(total[0]) - 1), "disk_full") \
+                and not self.warned:
             self.warned = True
-            log.warning("retention: the database's disk is full and no day of the log could be "
-                        "dropped (only the current day is left, or another agent's retention "
-                        "run holds the lock); packets are dropped until space is freed")
+            log.warning("retention: %.1f MB left under the log (%s), below --min-free, and no "
+                        "closed day of the log is left to drop; the senders drop what cannot "
+                        "be logged once the disk is full", avail / 1e6, row[0])
+
+
+# Peer sessions that hold a transaction open: a pinned NOTIFY queue, a lock that blocks
+# partition creation, vacuum held back. An agent's transactions last one batch.
+_LONG_TRANSACTIONS = """
+SELECT a.pid, a.usename, a.state, extract(epoch FROM now() - a.xact_start)::float8
+FROM pg_stat_activity a
+WHERE a.datname = current_database() AND a.pid <> pg_backend_pid()
+  AND a.xact_start < now() - make_interval(secs => %s)
+  AND EXISTS (SELECT FROM pg_auth_members m
+              WHERE m.member = a.usesysid AND m.roleid = 'pgvpn_agent'::regrole)
+"""
+
+
+def watchdog(max_transaction: float) -> Job:
+    def run(conn: db.Conn) -> None:
+        for pid, role, state, age in conn.execute(_LONG_TRANSACTIONS, (max_transaction,)):
+            row = conn.execute("SELECT pg_terminate_backend(%s)", (pid,)).fetchone()
+            if row and row[0]:
+                metrics.WATCHDOG_TERMINATED.inc()
+                log.warning("watchdog: ended session %d of %s, %s in a transaction for %.0fs "
+                            "(over --max-transaction %.0fs)", pid, role, state, age,
+                            max_transaction)
+
+    return run
 
 
 def _report(dropped: list[tuple[Any, ...]], reason: str | None = None) -> int:
@@ -99,24 +146,24 @@ def apply_retention(conn: db.Conn, keep_days: int | None,
 
 
 class Housekeeping:
-    def __init__(self, config: Config, stop: threading.Event,
-                 disk_full: threading.Event) -> None:
+    def __init__(self, database: Database, retention: Retention, stop: threading.Event,
+                 max_transaction: float = 0.0) -> None:
         self.stop = stop
-        kwargs = db.connect_kwargs(config.database, f"pgvpn-{config.peer}-jobs")
+        kwargs = db.connect_kwargs(database, "pgvpn-housekeeping")
         conninfo = kwargs.pop("conninfo")
         self.pool: ConnectionPool[db.Conn] = ConnectionPool(
             conninfo, kwargs=kwargs, min_size=0, max_size=2, open=False, name="housekeeping",
-            configure=wire.register, timeout=config.database.connect_timeout)
+            configure=wire.register, timeout=database.connect_timeout)
         self.workers = ThreadPoolExecutor(max_workers=2, thread_name_prefix="housekeeping")
-        r = config.retention
-        # free_space only acts while the sender reports a full disk; it checks often so the
-        # tunnel is back within seconds of a drop.
-        every = {"partitions": 3600.0, "indexes": 3600.0, "retention": r.every, "free_space": 5.0}
+        r = retention
+        every = {"partitions": 600.0, "indexes": 3600.0, "retention": r.every,
+                 "free_space": 5.0, "watchdog": 5.0}
         run: dict[str, Job] = {"partitions": ensure_partitions, "indexes": index_closed_days,
-                               "retention": retention(r.keep_days, r.max_bytes),
-                               "free_space": FreeSpace(disk_full)}
+                               "retention": retention_job(r.keep_days, r.max_bytes),
+                               "free_space": FreeSpace(r.min_free),
+                               "watchdog": watchdog(max_transaction)}
         self.jobs = [Periodic(name, every[name], run[name])
-                     for name in metrics.housekeeping_jobs(config)]
+                     for name in jobs(retention, max_transaction)]
 
     def run(self) -> None:
         self.pool.open()
@@ -139,10 +186,38 @@ class Housekeeping:
             job.due = time.monotonic() + job.every
             metrics.HOUSEKEEPING_RUNS.labels(job.name, "ok").inc()
             metrics.HOUSEKEEPING_LAST_OK.labels(job.name).set(time.time())
-        except (psycopg.Error, PoolTimeout, OSError) as exc:
+        except Exception as exc:
+            # Any failure, not only the database's: a job that dies silently in its Future
+            # would stop being retried, and the log would grow past its budget unnoticed.
             metrics.HOUSEKEEPING_RUNS.labels(job.name, "failed").inc()
             job.due = time.monotonic() + min(60.0, job.every)
-            log.warning("housekeeping: %s failed (%s); next try in %.0fs", job.name,
-                        db.describe(exc), job.due - time.monotonic())
+            expected = isinstance(exc, psycopg.Error | PoolTimeout | OSError)
+            log.log(logging.WARNING if expected else logging.ERROR,
+                    "housekeeping: %s failed (%s); next try in %.0fs", job.name,
+                    db.describe(exc), job.due - time.monotonic(), exc_info=not expected)
         finally:
             metrics.HOUSEKEEPING_SECONDS.labels(job.name).set(time.monotonic() - started)
+
+
+def jobs(retention: Retention, max_transaction: float) -> list[str]:
+    """Partitions and indexes always; retention if a limit is set; free_space with drop_oldest;
+    the watchdog unless switched off."""
+    r = retention
+    configured = r.keep_days is not None or r.max_bytes is not None
+    return ["partitions", "indexes", *(["retention"] if configured else []),
+            *(["free_space"] if r.on_disk_full == "drop_oldest" else []),
+            *(["watchdog"] if max_transaction > 0 else [])]
+
+
+def serve(database: Database, retention: Retention, max_transaction: float, address: str,
+          port: int | None) -> int:
+    """Run until SIGTERM/SIGINT."""
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.set())
+    metrics.start_housekeeping(jobs(retention, max_transaction), address, port)
+    service = Housekeeping(database, retention, stop, max_transaction)
+    log.info("housekeeping: jobs %s%s", ", ".join(j.name for j in service.jobs),
+             f"; metrics on http://{address}:{port}/metrics" if port else "")
+    service.run()
+    return 0

@@ -52,6 +52,11 @@ MGMT_FIRST_OCTET = 76
 MGMT_IF = "mgmt0"
 MGMT_LOCK = "/run/pgvpn-lab-mgmt.lock"
 METRICS_PORT = 9478
+# The housekeeping service's metrics, in the root namespace: the database's port + this.
+HOUSEKEEPING_PORT_OFFSET = 2000
+HOUSEKEEPING_ROLE = "pgvpn_housekeeping"
+# What a peer's login may use on the database server that its own SET cannot raise.
+PEER_ROLE_SETTINGS = {"temp_file_limit": "64MB"}
 
 
 class LabError(RuntimeError):
@@ -89,6 +94,10 @@ class Lab:
     mtu: int = 1500
     encrypt: bool = False
     offload: bool = True  # TUN offload (the agent's default; payload mode never has it)
+    # `pgvpn db housekeeping` options (keep_days, max_size, on_disk_full, min_free,
+    # max_transaction), and its process
+    housekeeping: dict[str, Any] = field(default_factory=dict)
+    housekeeping_pid: int = 0
 
     @property
     def pgdir(self) -> Path:
@@ -148,6 +157,7 @@ class Lab:
             self.add_namespaces()
             self.start_postgres(init=True)
             self.init_database()
+            self.start_housekeeping()
             if self.encrypt:
                 self.write_keys()
             for peer in self.peers:
@@ -165,6 +175,7 @@ class Lab:
         """Remove every process, namespace and file this lab made; safe to call twice."""
         for peer in self.peers:
             self.stop_agent(peer)
+        self.stop_housekeeping()
         if (self.datadir / "postmaster.pid").exists():
             self._pg_ctl("stop", "-m", "immediate", check=False)
         existing = set(subprocess.run(["ip", "netns", "list"], capture_output=True,
@@ -253,8 +264,65 @@ class Lab:
 
         with db.connect(Database(dsn=self.dsn()), "pgvpn-lab") as conn:
             schema.migrate(conn)
+            # As the Ansible role does: peers reach no other database, one login per peer,
+            # a housekeeping login for the service on the database host, peers registered.
+            for other in ("postgres", "template1"):
+                conn.execute(f"REVOKE CONNECT ON DATABASE {other} FROM PUBLIC")
             for peer in self.peers:
-                conn.execute(f'CREATE ROLE "{_role(peer.name)}" LOGIN IN ROLE pgvpn_agent')
+                role = _role(peer.name)
+                conn.execute(f'CREATE ROLE "{role}" LOGIN CONNECTION LIMIT 8 IN ROLE pgvpn_agent')
+                for key, value in PEER_ROLE_SETTINGS.items():
+                    conn.execute(f"ALTER ROLE \"{role}\" SET {key} = '{value}'")
+            conn.execute(f"CREATE ROLE {HOUSEKEEPING_ROLE} LOGIN "
+                         "IN ROLE pgvpn_operator, pg_monitor, pg_signal_backend")
+            conn.execute("SELECT pgvpn.register_peers(%s)", ([p.name for p in self.peers],))
+
+    # -- housekeeping --------------------------------------------------------------------------
+
+    @property
+    def housekeeping_port(self) -> int:
+        return self.port + HOUSEKEEPING_PORT_OFFSET
+
+    @property
+    def housekeeping_log(self) -> Path:
+        return self.workdir / "housekeeping.log"
+
+    def start_housekeeping(self, **options: Any) -> None:
+        """`pgvpn db housekeeping` as the Ansible role runs it next to PostgreSQL; options
+        (keep_days=7, on_disk_full="drop_oldest", ...) replace the lab's and restart it."""
+        if options:
+            self.stop_housekeeping()
+            self.housekeeping = {**self.housekeeping, **options}
+        args = [sys.executable, "-m", "pgvpn_agent", "db", "housekeeping",
+                "--dsn", self.dsn(HOUSEKEEPING_ROLE), "--metrics-address", "127.0.0.1",
+                "--metrics-port", str(self.housekeeping_port)]
+        for key, value in self.housekeeping.items():
+            args += [f"--{key.replace('_', '-')}", str(value)]
+        log = open(self.housekeeping_log, "ab")  # noqa: SIM115 - handed to the child
+        proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT,
+                                stdin=subprocess.DEVNULL, start_new_session=True, cwd="/",
+                                env=dict(os.environ, PYTHONUNBUFFERED="1"))
+        log.close()
+        self.housekeeping_pid = proc.pid
+        self.save()
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                self.housekeeping_metrics()
+                return
+            except LabError:
+                if not _alive(proc.pid) or time.monotonic() > deadline:
+                    raise LabError("the housekeeping service did not come up; "
+                                   f"{self.housekeeping_log}:\n"
+                                   + _tail(str(self.housekeeping_log))) from None
+                time.sleep(0.1)
+
+    def stop_housekeeping(self) -> None:
+        _stop(self.housekeeping_pid)
+
+    def housekeeping_metrics(self) -> dict[str, float]:
+        return _scrape(f"http://127.0.0.1:{self.housekeeping_port}/metrics",
+                       "the housekeeping service")
 
     # -- agents --------------------------------------------------------------------------------
 
@@ -330,16 +398,7 @@ class Lab:
         self.save()
 
     def stop_agent(self, peer: LabPeer, sig: int = signal.SIGTERM, timeout: float = 10) -> None:
-        if not _alive(peer.pid):
-            return
-        os.kill(peer.pid, sig)
-        deadline = time.monotonic() + timeout
-        while _alive(peer.pid) and time.monotonic() < deadline:
-            time.sleep(0.05)
-        if _alive(peer.pid):
-            os.kill(peer.pid, signal.SIGKILL)
-            while _alive(peer.pid):
-                time.sleep(0.05)
+        _stop(peer.pid, sig, timeout)
 
     def exec(self, peer: LabPeer, cmd: list[str],
              **kwargs: Any) -> subprocess.CompletedProcess[str]:
@@ -375,17 +434,7 @@ class Lab:
 
     def agent_metrics(self, peer: LabPeer) -> dict[str, float]:
         """The agent's Prometheus samples, keyed by sample name with labels."""
-        try:
-            with urllib.request.urlopen(peer.metrics_url, timeout=5) as response:
-                text = response.read().decode()
-        except (OSError, ValueError) as exc:
-            raise LabError(f"cannot scrape metrics of {peer.name}: {exc}") from exc
-        samples: dict[str, float] = {}
-        for family in text_string_to_metric_families(text):
-            for s in family.samples:
-                labels = ",".join(f'{k}="{v}"' for k, v in s.labels.items())
-                samples[f"{s.name}{{{labels}}}" if labels else s.name] = s.value
-        return samples
+        return _scrape(peer.metrics_url, peer.name)
 
     def wait_mesh(self, timeout: float) -> None:
         deadline = time.monotonic() + timeout
@@ -401,6 +450,33 @@ class Lab:
                 a, b, v6 = todo[0]
                 raise LabError(f"{a.name} cannot ping {b.name} ({'v6' if v6 else 'v4'}) after "
                                f"{timeout:.0f}s; agent log {a.log}:\n" + _tail(a.log))
+
+
+def _scrape(url: str, what: str) -> dict[str, float]:
+    try:
+        with urllib.request.urlopen(url, timeout=5) as response:
+            text = response.read().decode()
+    except (OSError, ValueError) as exc:
+        raise LabError(f"cannot scrape metrics of {what}: {exc}") from exc
+    samples: dict[str, float] = {}
+    for family in text_string_to_metric_families(text):
+        for s in family.samples:
+            labels = ",".join(f'{k}="{v}"' for k, v in s.labels.items())
+            samples[f"{s.name}{{{labels}}}" if labels else s.name] = s.value
+    return samples
+
+
+def _stop(pid: int, sig: int = signal.SIGTERM, timeout: float = 10) -> None:
+    if not _alive(pid):
+        return
+    os.kill(pid, sig)
+    deadline = time.monotonic() + timeout
+    while _alive(pid) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    if _alive(pid):
+        os.kill(pid, signal.SIGKILL)
+        while _alive(pid):
+            time.sleep(0.05)
 
 
 def _role(peer: str) -> str:

@@ -46,7 +46,7 @@ _LATENCY_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 
 # Delivery also covers packets that waited out an outage, up to transport.max_age (30 s).
 _DELIVERY_BUCKETS = (*_LATENCY_BUCKETS, 30.0)
 DROP_REASONS = ("no_route", "malformed", "queue_full", "too_old", "db_error", "tun_write",
-                "rate_limit", "unsealable", "disk_full")
+                "rate_limit", "unsealable", "disk_full", "bad_source", "quota")
 RETENTION_REASONS = ("age", "size", "disk_full")
 DIRECTIONS = ("tx", "rx")
 CAUSES = ("notify", "poll")
@@ -118,7 +118,9 @@ DROPPED = Counter("pgvpn_packets_dropped", "Packets not carried, by reason: no_r
                   "db_error (batch refused by the database), tun_write (TUN refused it), "
                   "rate_limit (over this agent's transport.rate_limit_packets/_bytes), "
                   "unsealable (encrypted row that failed authentication or has an unknown key), "
-                  "disk_full (the database's disk is full: not logged).",
+                  "disk_full (the database's disk is full: not logged), bad_source (a stored "
+                  "packet whose source address is not among its sender's addresses and routes), "
+                  "quota (over this peer's daily log quota, pgvpn.limits).",
                   ["reason"])
 
 BATCHES = Counter("pgvpn_insert_batches", "Sender transactions that logged a batch of packets "
@@ -163,18 +165,25 @@ DB_DISK_FULL = Gauge("pgvpn_db_disk_full", "1 while the database refuses this ag
                      "for lack of disk space (new packets are dropped as disk_full).")
 DB_UP = Gauge("pgvpn_db_up", "1 while the direction's database connection is usable.",
               ["direction"])
+UNNOTIFIED = Counter("pgvpn_unnotified_batches", "Batches logged without waking their receivers "
+                     "because the database's NOTIFY queue was full (receivers find them by "
+                     "polling, transport.poll_interval).")
 
 RETENTION_DROPPED = Counter("pgvpn_retention_partitions_dropped", "Day partitions of the packet "
-                            "log this agent's retention job dropped, by reason (age: older than "
-                            "retention.keep_days; size: over retention.max_size; disk_full: the "
-                            "oldest day, to make room for inserts, retention.on_disk_full = "
-                            "\"drop_oldest\").", ["reason"])
+                            "log housekeeping dropped, by reason (age: older than --keep-days; "
+                            "size: over --max-size; disk_full: the oldest day, to keep --min-free "
+                            "bytes available, --on-disk-full drop_oldest).", ["reason"])
 RETENTION_FREED = Counter("pgvpn_retention_freed_bytes", "Bytes of packet log (table, indexes, "
                           "TOAST) freed by those drops, by reason.", ["reason"])
 HOUSEKEEPING_RUNS = Counter("pgvpn_housekeeping_runs", "Housekeeping job runs (partitions ahead "
-                            "of time, indexes on closed days, retention, free_space on a full "
-                            "disk), by job and result (ok, failed).",
+                            "of time, indexes on closed days, retention, free_space, watchdog), "
+                            "by job and result (ok, failed).",
                             ["job", "result"])
+WATCHDOG_TERMINATED = Counter("pgvpn_watchdog_terminated_sessions", "Peer sessions housekeeping's "
+                              "watchdog ended for holding a transaction open longer than "
+                              "--max-transaction (a peer can SET away its own timeouts).")
+LOG_FILESYSTEM_AVAIL = Gauge("pgvpn_log_filesystem_avail_bytes", "Bytes available on the "
+                             "filesystem today's log partition is written to (free_space job).")
 HOUSEKEEPING_LAST_OK = Gauge("pgvpn_housekeeping_last_success_timestamp_seconds", "Unix time of "
                              "each housekeeping job's last successful run (0: none yet).",
                              ["job"])
@@ -206,25 +215,23 @@ def start(config: Config) -> None:
         WAKEUPS.labels(cause)
     for saver in SAVERS:
         CURSOR_SAVES.labels(saver)
-    for reason in RETENTION_REASONS:
-        RETENTION_DROPPED.labels(reason)
-        RETENTION_FREED.labels(reason)
-    for job in housekeeping_jobs(config):
-        HOUSEKEEPING_LAST_OK.labels(job)
-        HOUSEKEEPING_SECONDS.labels(job)
-        for result in ("ok", "failed"):
-            HOUSEKEEPING_RUNS.labels(job, result)
     if config.metrics.enabled:
         start_http_server(config.metrics.port, config.metrics.address)
 
 
-def housekeeping_jobs(config: Config) -> list[str]:
-    """The jobs an agent with this config runs: partitions and indexes ahead, retention if set,
-    and making room on a full disk if retention.on_disk_full asks for it."""
-    r = config.retention
-    configured = r.keep_days is not None or r.max_bytes is not None
-    return ["partitions", "indexes", *(["retention"] if configured else []),
-            *(["free_space"] if r.on_disk_full == "drop_oldest" else [])]
+def start_housekeeping(jobs: Iterable[str], address: str, port: int | None) -> None:
+    """The housekeeping service's series (pgvpn db housekeeping), served if a port is given."""
+    BUILD_INFO.labels(_version(), platform.python_version()).set(1)
+    for reason in RETENTION_REASONS:
+        RETENTION_DROPPED.labels(reason)
+        RETENTION_FREED.labels(reason)
+    for job in jobs:
+        HOUSEKEEPING_LAST_OK.labels(job)
+        HOUSEKEEPING_SECONDS.labels(job)
+        for result in ("ok", "failed"):
+            HOUSEKEEPING_RUNS.labels(job, result)
+    if port:
+        start_http_server(port, address)
 
 
 def _version() -> str:

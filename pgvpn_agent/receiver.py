@@ -74,6 +74,8 @@ class Receiver:
         self.sealer = seal.for_config(config)
         self.lag_at = 0.0
         self.row_bytes = 1500.0  # running mean of fetched payload sizes, for the page limit
+        # Inbound AllowedIPs: a row's packet must come from an address its sender owns.
+        self.sources = config.source_filter()
 
     def run(self) -> None:
         wait = min(self.config.transport.poll_interval, 1.0)
@@ -154,6 +156,8 @@ class Receiver:
         links = sorted(self.cursor)
         write = self.tun.write
         sealer = self.sealer
+        names = self.names
+        check_source = self.sources.check
         while not self.stop.is_set():
             limit = max(1, min(fetch_max, int(PAGE_BYTES / self.row_bytes)))
             started = time.perf_counter()
@@ -168,22 +172,39 @@ class Receiver:
             last: dict[int, int] = {}
             per_link: dict[int, list[int]] = {}
             delivered: list[float] = []
-            stale = refused = unsealable = forged = 0
+            stale = refused = unsealable = forged = malformed = 0
+            bad: dict[int, int] = {}  # sender id: packets from a source the sender does not own
+            sender = -1
+            name: str | None = None
             for src, seq, sent_at, payload, offload in rows:
                 last[src] = seq
                 if now - sent_at > max_age:
                     stale += 1
                     continue
+                if src != sender:  # rows come grouped by link: one name lookup per link
+                    sender, name = src, names.get(src)
+                if name is None:  # a sender this config does not know owns no address
+                    bad[src] = bad.get(src, 0) + 1
+                    continue
                 if sealer is not None:
                     try:
-                        payload = sealer.open(self.names[src], seq, payload)
+                        payload = sealer.open(name, seq, payload)
                     except seal.Unsealable as exc:
                         unsealable += 1
                         log.warning("receiver: dropped a stored packet: %s", exc)
                         continue
+                # The source address of the packet as written, checked like WireGuard's
+                # AllowedIPs; the RouteTable behind it caches each source's owner.
+                reason = check_source(name, payload)
+                if reason is not None:
+                    if reason == "malformed":
+                        malformed += 1
+                    else:
+                        bad[src] = bad.get(src, 0) + 1
+                    continue
                 if offload is None:
                     offload = tun.NO_OFFLOAD
-                elif not tun.check_offload(offload, payload, payload[0] >> 4 if payload else 0):
+                elif not tun.check_offload(offload, payload, payload[0] >> 4):
                     forged += 1
                     continue
                 if not write(payload, offload):
@@ -213,6 +234,16 @@ class Receiver:
                 log.warning("receiver: dropped %d stored packets whose offload header no kernel "
                             "would have produced", forged)
                 metrics.DROPPED.labels("malformed").inc(forged)
+            if malformed:
+                log.warning("receiver: dropped %d stored packets that are not IPv4 or IPv6 or "
+                            "too short to hold a source address", malformed)
+                metrics.DROPPED.labels("malformed").inc(malformed)
+            if bad:
+                log.warning("receiver: dropped stored packets whose source address is not among "
+                            "their sender's addresses and routes: %s", ", ".join(
+                                f"{n} from {names.get(s, f'peer id {s} (not in the config)')}"
+                                for s, n in bad.items()))
+                metrics.DROPPED.labels("bad_source").inc(sum(bad.values()))
             for src, (n, size) in per_link.items():
                 metrics.PACKETS.labels("rx", self.names[src]).inc(n)
                 metrics.BYTES.labels("rx", self.names[src]).inc(size)
@@ -279,13 +310,20 @@ class Receiver:
             conn = db.connect(cfg.database, f"pgvpn-{cfg.peer}-rx", synchronous_commit=False)
             try:
                 check_version(conn)
-                ids = db.register(conn, [p.name for p in cfg.peers])
+                ids = db.peer_ids(conn, cfg.peer, [p.name for p in cfg.peers])
                 self.me = ids[cfg.peer]
-                db.lock_peer(conn, db.LOCK_RECEIVER, self.me, cfg.peer)
+                db.lock_peer(conn, db.LOCK_RECEIVER, cfg.peer)
+                if cfg.mode != "payload":
+                    # A secret name only this peer learns: no other login can LISTEN to it.
+                    row = conn.execute("SELECT pgvpn.my_channel()").fetchone()
+                    self.channel = str(row[0]) if row and row[0] else self.channel
                 conn.execute(sql.SQL("LISTEN {}").format(sql.Identifier(self.channel)))
                 rows = conn.execute("SELECT src, rx_seq FROM pgvpn.cursor WHERE dst = %s",
                                     (self.me,))
-                saved = {int(s): int(r) for s, r in rows}
+                # Links from peers this agent's config does not list (another site's peer, one
+                # being added or removed) are not followed: their rows stay in the log.
+                known = set(ids.values())
+                saved = {int(s): int(r) for s, r in rows if int(s) in known}
                 # Cursor saves lost with the old connection: write them again, so that a
                 # restart after this reconnect does not deliver those packets twice.
                 ahead = {s: c for s, c in self.cursor.items() if c > saved.get(s, 0)}
@@ -308,7 +346,7 @@ class Receiver:
             metrics.RECONNECTS.labels("rx").inc()
             log.info("receiver: database connection restored")
         else:
-            log.info("receiver: listening on %s", self.channel)
+            log.info("receiver: listening for wake-ups (channel %s…)", self.channel[:10])
         self.connected_once = True
         self.backoff.succeeded()
         metrics.DB_UP.labels("rx").set(1)

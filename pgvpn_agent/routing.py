@@ -1,4 +1,5 @@
-"""Which peer a packet goes to: longest-prefix match on its destination, like WireGuard AllowedIPs.
+"""Which peer a packet goes to, and which peer may have sent it: longest-prefix match on its
+destination (outgoing) or its source (incoming), like WireGuard's AllowedIPs.
 
 Ambiguity is refused when the table is built, so the per-packet lookup never has to choose
 between peers and the operator learns about a conflict at start, not from lost traffic.
@@ -17,6 +18,9 @@ _CACHE_SIZE = 4096
 # What the cache answers for an unknown destination: .get with a default costs a fifth of a
 # KeyError on a miss. A peer named "" would merely never be served from the cache.
 _UNCACHED = ""
+# Drop reasons of SourceFilter.check, as metrics.DROP_REASONS names them.
+BAD_SOURCE = "bad_source"
+MALFORMED = "malformed"
 
 
 class RoutingError(ValueError):
@@ -77,6 +81,39 @@ class RouteTable:
             self._cache.clear()
         self._cache[dst_raw] = peer
         return peer
+
+
+class SourceFilter:
+    """The incoming half of AllowedIPs (WireGuard's cryptokey routing): a peer may send only
+    packets whose source address it owns, the longest prefix containing it being one of its own.
+
+    Built over every configured peer, this agent included: a source inside a more specific
+    prefix of another peer (or of this agent) is not the sender's, even when a shorter prefix
+    of the sender, such as a default route, contains it too.
+    """
+
+    def __init__(self, routes: Iterable[tuple[str, str]]) -> None:
+        self.table = RouteTable(routes)
+        self._lookup = self.table.lookup  # cached per source address
+
+    def check(self, sender: str, packet: bytes) -> str | None:
+        """None if `sender` may have sent `packet` (an IP packet, no offload header), else why
+        not: "malformed" (not IPv4 or IPv6, or too short to hold its source address) or
+        "bad_source" (no prefix of the sender's is the longest one containing the source)."""
+        if not packet:
+            return MALFORMED
+        version = packet[0] >> 4
+        if version == 4:
+            if len(packet) < 16:
+                return MALFORMED
+            source = packet[12:16]
+        elif version == 6:
+            if len(packet) < 24:
+                return MALFORMED
+            source = packet[8:24]
+        else:
+            return MALFORMED
+        return None if self._lookup(source) == sender else BAD_SOURCE
 
 
 def _network(text: str) -> Network:

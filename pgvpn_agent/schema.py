@@ -3,6 +3,11 @@
 Migrations are plain SQL files shipped in the package (`migrations/NNNN_name.sql`) and applied
 in order, each in its own transaction, under an advisory lock so that two installers racing
 (two Ansible hosts, an agent and an operator) apply each file exactly once.
+
+From schema v11 the schema belongs to a NOLOGIN owner role that is not a superuser, and the
+migrations run as that role. What only a superuser may do — the group roles, taking over objects
+an earlier version let the superuser own, the database-wide privileges a peer must not have —
+happens first, in `_harden`, as the superuser that runs `pgvpn db migrate`.
 """
 
 from __future__ import annotations
@@ -18,6 +23,38 @@ from psycopg import sql
 log = logging.getLogger(__name__)
 
 _LOCK_KEY = 0x7067_7670  # "pgvp": the advisory lock held while migrating
+OWNER = "pgvpn_owner"
+# The first version whose migrations run as the owner on a hardened database.
+HARDENED = 11
+GROUP_ROLES = ("pgvpn_agent", "pgvpn_reader", "pgvpn_operator")
+# pg_catalog functions PUBLIC may run by default that a peer must not: advisory locks (a peer
+# could squat another agent's key or housekeeping's) and large objects (storage outside every
+# quota). The owner's definer functions take their locks with them.
+_REVOKED = """
+SELECT p.oid::regprocedure::text, p.proname LIKE '%advisory%'
+FROM pg_catalog.pg_proc p
+WHERE p.pronamespace = 'pg_catalog'::regnamespace
+  AND (p.proname LIKE 'pg%advisory%' OR p.proname LIKE 'lo\\_%'
+       OR p.proname IN ('loread', 'lowrite'))
+ORDER BY 1
+"""
+# Objects an earlier version created as the superuser; indexes, TOAST tables and identity
+# sequences follow their table.
+_ADOPT = """
+SELECT 'TABLE', c.oid::regclass::text FROM pg_catalog.pg_class c
+WHERE c.relnamespace = 'pgvpn'::regnamespace AND c.relkind IN ('r', 'p', 'v', 'm', 'f')
+  AND c.relowner <> %(owner)s::regrole
+UNION ALL
+SELECT 'SEQUENCE', c.oid::regclass::text FROM pg_catalog.pg_class c
+WHERE c.relnamespace = 'pgvpn'::regnamespace AND c.relkind = 'S'
+  AND c.relowner <> %(owner)s::regrole
+  AND NOT EXISTS (SELECT FROM pg_catalog.pg_depend d WHERE d.classid = 'pg_class'::regclass
+                  AND d.objid = c.oid AND d.deptype IN ('a', 'i'))
+UNION ALL
+SELECT CASE p.prokind WHEN 'p' THEN 'PROCEDURE' ELSE 'FUNCTION' END, p.oid::regprocedure::text
+FROM pg_catalog.pg_proc p
+WHERE p.pronamespace = 'pgvpn'::regnamespace AND p.proowner <> %(owner)s::regrole
+"""
 
 
 @dataclass(frozen=True)
@@ -56,14 +93,29 @@ def current_version(conn: psycopg.Connection[Any]) -> int:
     return int(row[0]) if row else 0
 
 
-def migrate(conn: psycopg.Connection[Any], owner: str | None = None) -> list[int]:
-    """Bring the schema to LATEST; returns the versions applied (empty when already there)."""
+def migrate(conn: psycopg.Connection[Any], owner: str = OWNER,
+            target: int | None = None) -> list[int]:
+    """Bring the schema to `target` (LATEST); returns the versions applied (empty when there).
+
+    `target` below HARDENED builds a database as those versions did, superuser-owned: the tests
+    use it to show an attack working before the upgrade and failing after.
+    """
+    target = LATEST if target is None else target
+    if not 1 <= target <= LATEST:
+        raise RuntimeError(f"no schema version {target}: this agent knows 1..{LATEST}")
     applied: list[int] = []
     with conn.transaction():
         conn.execute("SELECT pg_advisory_xact_lock(%s)", (_LOCK_KEY,))
+        row = conn.execute("SELECT rolsuper FROM pg_roles WHERE rolname = current_user").fetchone()
+        if not row or not row[0]:
+            raise RuntimeError(
+                "pgvpn db migrate must run as a superuser (e.g. `sudo -u postgres pgvpn db migrate "
+                "--dsn dbname=pgvpn`): it creates the pgvpn group roles and takes PUBLIC's rights "
+                "to temporary tables, advisory locks and large objects away in this database")
         conn.execute("CREATE SCHEMA IF NOT EXISTS pgvpn")
-        if owner:
-            conn.execute(sql.SQL("ALTER SCHEMA pgvpn OWNER TO {}").format(sql.Identifier(owner)))
+        hardened = target >= HARDENED
+        if hardened:
+            _harden(conn, owner)
         conn.execute(
             """CREATE TABLE IF NOT EXISTS pgvpn.schema_version (
                    version integer PRIMARY KEY,
@@ -76,7 +128,11 @@ def migrate(conn: psycopg.Connection[Any], owner: str | None = None) -> list[int
                 f"database schema is version {version}, newer than this agent knows ({LATEST}); "
                 "upgrade the agent"
             )
-        for m in migrations()[version:]:
+        if hardened:
+            conn.execute(sql.SQL("ALTER TABLE pgvpn.schema_version OWNER TO {}").format(
+                sql.Identifier(owner)))
+            conn.execute(sql.SQL("SET LOCAL ROLE {}").format(sql.Identifier(owner)))
+        for m in migrations()[version:target]:
             log.info("applying migration %04d_%s", m.version, m.name)
             with conn.transaction():
                 conn.execute(m.sql.encode())
@@ -86,7 +142,40 @@ def migrate(conn: psycopg.Connection[Any], owner: str | None = None) -> list[int
                 )
             applied.append(m.version)
         conn.execute("SELECT pgvpn.ensure_partitions()")
+        conn.execute("RESET ROLE")
     return applied
+
+
+def _harden(conn: psycopg.Connection[Any], owner: str) -> None:
+    """What only a superuser may do, idempotent: roles, ownership, database-wide privileges."""
+    ident = sql.Identifier(owner)
+    for role in (owner, *GROUP_ROLES):
+        if not conn.execute("SELECT 1 FROM pg_roles WHERE rolname = %s", (role,)).fetchone():
+            conn.execute(sql.SQL("CREATE ROLE {} NOLOGIN").format(sql.Identifier(role)))
+    # operators read what readers read
+    if not conn.execute("SELECT 1 FROM pg_auth_members WHERE roleid = 'pgvpn_reader'::regrole "
+                        "AND member = 'pgvpn_operator'::regrole").fetchone():
+        conn.execute("GRANT pgvpn_reader TO pgvpn_operator")
+    row = conn.execute("SELECT rolsuper OR rolbypassrls OR rolcanlogin FROM pg_roles "
+                       "WHERE rolname = %s", (owner,)).fetchone()
+    if row and row[0]:
+        raise RuntimeError(f"the schema owner {owner!r} must be a NOLOGIN role that is neither "
+                           "superuser nor BYPASSRLS: choose another --owner")
+    conn.execute(sql.SQL("ALTER SCHEMA pgvpn OWNER TO {}").format(ident))
+    conn.execute(sql.SQL("REVOKE CREATE ON SCHEMA pgvpn FROM PUBLIC"))
+    for kind, name in conn.execute(_ADOPT, {"owner": owner}).fetchall():
+        conn.execute(sql.SQL("ALTER {} {} OWNER TO {}").format(
+            sql.SQL(kind), sql.SQL(name), ident))
+    database = sql.Identifier(str(conn.info.dbname))
+    conn.execute(sql.SQL("REVOKE TEMPORARY ON DATABASE {} FROM PUBLIC").format(database))
+    for function, is_lock in conn.execute(_REVOKED).fetchall():
+        conn.execute(sql.SQL("REVOKE EXECUTE ON FUNCTION {} FROM PUBLIC").format(
+            sql.SQL(function)))
+        if is_lock:
+            conn.execute(sql.SQL("GRANT EXECUTE ON FUNCTION {} TO {}").format(
+                sql.SQL(function), ident))
+    conn.execute(sql.SQL("ALTER DEFAULT PRIVILEGES FOR ROLE {} REVOKE EXECUTE ON FUNCTIONS "
+                         "FROM PUBLIC").format(ident))
 
 
 def check_version(conn: psycopg.Connection[Any]) -> None:

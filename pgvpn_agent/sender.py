@@ -25,6 +25,11 @@ from pgvpn_agent.schema import check_version
 
 log = logging.getLogger(__name__)
 DISK_FULL = "53100"
+QUOTA = "PV002"  # pgvpn.send_batch(): over this peer's daily log quota
+# "too many notifications in the NOTIFY queue": a listener somewhere holds the cluster-wide
+# queue; batches go unnotified for a while and receivers find them by polling.
+QUEUE_FULL = "54000"
+UNNOTIFIED_FOR = 10.0
 
 SEND_BATCH = "SELECT pgvpn.send_batch(%b::int2, " + ", ".join(["%b"] * 19) + ")"
 NOTIFY_PAYLOADS = "SELECT pg_notify(c, m) FROM unnest(%b::text[], %b::text[]) AS t (c, m)"
@@ -55,10 +60,11 @@ class Sender:
         self.pending: list[Captured] = []
         self.conn: db.Conn | None = None
         self.backoff = db.Backoff()
-        # Paces retries while the database's disk is full (the connection itself is fine).
+        # Paces retries while the database's disk is full or this peer is over its quota (the
+        # connection itself is fine).
         self.no_space = db.Backoff(first=0.5)
-        # Set while inserts fail for lack of space: housekeeping may drop the oldest day.
-        self.disk_full = threading.Event()
+        self.refused_for = ""  # "disk_full" or "quota" while no_space paces retries
+        self.notify_again_at = 0.0
         self.ids: dict[str, int] = {}
         self.names: dict[int, str] = {}
         self.tx_seq: dict[int, int] = {}
@@ -139,16 +145,18 @@ class Sender:
             try:
                 self._send(self.pending)
             except psycopg.Error as exc:
-                if self._out_of_space(exc) or self._lost(exc):
+                if self._queue_full(exc):
+                    continue
+                if self._refused(exc) or self._lost(exc):
                     return
                 log.error("sender: batch of %d packets refused by the database: %s",
                           len(self.pending), db.describe(exc))
                 metrics.DROPPED.labels("db_error").inc(len(self.pending))
             else:
                 if self.no_space.attempt:
-                    log.warning("sender: the database has disk space again; logging resumed")
+                    log.warning("sender: the database takes this peer's packets again (%s "
+                                "over); logging resumed", self.refused_for)
                     self.no_space.succeeded()
-                    self.disk_full.clear()
                     metrics.DB_DISK_FULL.set(0)
             self.pending = []
         metrics.QUEUE_DEPTH.set(len(self.queue))
@@ -164,24 +172,46 @@ class Sender:
         self.queued_bytes -= size - len(batch) * tun.VNET_SIZE
         return batch
 
-    def _out_of_space(self, exc: psycopg.Error) -> bool:
-        """Disk full: drop the batch (it was not logged), pause, retry; nothing logged is lost.
+    def _refused(self, exc: psycopg.Error) -> bool:
+        """Disk full or quota: drop the batch (it was not logged), pause, retry.
 
-        PostgreSQL rolls the failed insert back cleanly; what the agent must not do is queue
-        packets that would be stale by the time space is freed, or retry in a busy loop.
+        PostgreSQL rolls the failed insert back cleanly, so nothing logged is lost; what the
+        agent must not do is queue packets that would be stale by the time there is room, or
+        retry in a busy loop.
         """
         assert self.conn is not None
-        if exc.sqlstate != DISK_FULL or self.conn.closed:
+        reason = {DISK_FULL: "disk_full", QUOTA: "quota"}.get(exc.sqlstate or "")
+        if reason is None or self.conn.closed:
             return False
         if not self.no_space.attempt:
-            log.error("sender: the database's disk is full (%s): new packets are dropped and "
-                      "counted (reason disk_full) until space is freed; everything logged so far "
-                      "is intact", db.describe(exc))
+            what = ("the database's disk is full" if reason == "disk_full"
+                    else "this peer is over its daily log quota (pgvpn.limits)")
+            log.error("sender: %s (%s): new packets are dropped and counted (reason %s) until "
+                      "there is room; everything logged so far is intact", what,
+                      db.describe(exc), reason)
+        self.refused_for = reason
         self.no_space.failed()
-        self.disk_full.set()
-        metrics.DB_DISK_FULL.set(1)
-        metrics.DROPPED.labels("disk_full").inc(len(self.pending))
+        if reason == "disk_full":
+            metrics.DB_DISK_FULL.set(1)
+        metrics.DROPPED.labels(reason).inc(len(self.pending))
         self.pending = []
+        return True
+
+    def _queue_full(self, exc: psycopg.Error) -> bool:
+        """The NOTIFY queue is full: the batch rolled back whole; send it again unnotified.
+
+        Anyone may NOTIFY, and a listener that stops reading pins the cluster's queue until it
+        fills (docs/security.md): delivery must not depend on it, so batches go without a
+        wake-up for a while and receivers find them by polling.
+        """
+        assert self.conn is not None
+        if exc.sqlstate != QUEUE_FULL or self.conn.closed or not self.notify:
+            return False
+        if time.monotonic() >= self.notify_again_at:
+            log.warning("sender: the database's NOTIFY queue is full (%s); sending without "
+                        "wake-ups for %.0fs, receivers poll", db.describe(exc), UNNOTIFIED_FOR)
+        self.notify_again_at = time.monotonic() + UNNOTIFIED_FOR
+        metrics.UNNOTIFIED.inc()
         return True
 
     def _send_rows(self, batch: list[Captured]) -> None:
@@ -216,10 +246,9 @@ class Sender:
                 malformed += 1
                 continue
             peer = routes.lookup(h.dst_raw)
-            if peer is None:
-                no_route += 1
+            if peer is None or (dst := ids.get(peer)) is None or dst not in next_seq:
+                no_route += 1  # no peer owns it, or the operator has not registered it
                 continue
-            dst = ids[peer]
             seq = next_seq[dst] + 1
             next_seq[dst] = seq
             c = counts.get(dst)
@@ -257,7 +286,7 @@ class Sender:
             carried = sorted(cursors)
             params = (
                 ids[self.config.peer],
-                self.notify,
+                self.notify and time.monotonic() >= self.notify_again_at,
                 wire.fixed("int2", links),
                 wire.fixed("int8", [self.tx_seq[d] + 1 for d in links]),
                 wire.fixed("int8", [next_seq[d] for d in links]),
@@ -302,7 +331,7 @@ class Sender:
                 malformed += 1
                 continue
             peer = self.routes.lookup(h.dst_raw)
-            if peer is None:
+            if peer is None or peer not in self.ids:
                 no_route += 1
                 continue
             channels.append("pgvpn_" + peer)
@@ -338,10 +367,10 @@ class Sender:
             conn = db.connect(cfg.database, f"pgvpn-{cfg.peer}-tx")
             try:
                 check_version(conn)
-                self.ids = db.register(conn, [p.name for p in cfg.peers])
+                self.ids = db.peer_ids(conn, cfg.peer, [p.name for p in cfg.peers])
                 self.names = {v: k for k, v in self.ids.items()}
                 me = self.ids[cfg.peer]
-                db.lock_peer(conn, db.LOCK_SENDER, me, cfg.peer)
+                db.lock_peer(conn, db.LOCK_SENDER, cfg.peer)
                 if cfg.mode == "trigger":
                     conn.execute("SET pgvpn.notify = 'trigger'")
                 rows = conn.execute("SELECT dst, tx_seq FROM pgvpn.link WHERE src = %s", (me,))
@@ -375,7 +404,7 @@ class Sender:
                 peer = self.routes.lookup(parse(raw[tun.VNET_SIZE:]).dst_raw)
             except MalformedPacket:
                 continue
-            if peer is not None:
+            if peer is not None and peer in self.ids:
                 dst = self.ids[peer]
                 return committed.get(dst, 0) > self.tx_seq.get(dst, 0)
         return False

@@ -101,12 +101,16 @@ def test_peer_cannot_move_another_peers_cursor(lab):
 
 
 def test_cursors_carried_by_a_batch_are_only_the_senders_own(lab):
-    """send_batch() saves the caller's receiver cursors: only rows whose receiver is the caller."""
+    """send_batch() saves the caller's receiver cursors: only rows whose receiver is the caller,
+    and never past what was sent on that link (a cursor ahead would skip future packets)."""
     peer = ids(lab)
     cursors = "SELECT src || '>' || dst || '=' || rx_seq FROM pgvpn.cursor ORDER BY 1"
+    sent = dict(r.split("=") for r in lab.psql(
+        "SELECT src || '>' || dst || '=' || tx_seq FROM pgvpn.link ORDER BY 1").split())
     before = dict(r.split("=") for r in lab.psql(cursors).split())
-    target = 10**9
-    with as_peer(lab, "peer1") as conn:
+    sources = sorted(peer.values())
+
+    def carry(conn: db.Conn, last: list[int]) -> None:
         # a batch without packets that only carries cursors, naming every source peer
         empty_int2, empty_int8 = wire.fixed("int2", []), wire.fixed("int8", [])
         conn.execute(SEND_BATCH, (
@@ -114,13 +118,19 @@ def test_cursors_carried_by_a_batch_are_only_the_senders_own(lab):
             wire.timestamps([]), empty_int2, wire.blobs("inet", []), wire.blobs("inet", []),
             empty_int2, wire.nullable_int4([]), wire.nullable_int4([]), wire.fixed("int4", []),
             wire.booleans([]), wire.blobs("bytea", []), wire.blobs("bytea", []),
-            wire.fixed("int2", sorted(peer.values())),
-            wire.fixed("int8", [target] * len(peer))))
+            wire.fixed("int2", sources), wire.fixed("int8", last)))
+
+    lab.stop_agent(lab.peers[0])  # its receiver would move peer1's cursors too
+    with as_peer(lab, "peer1") as conn:
+        carry(conn, [10**9] * len(sources))
+        assert dict(r.split("=") for r in lab.psql(cursors).split()) == before, \
+            "a cursor moved past the last packet sent on its link"
+        carry(conn, [int(sent.get(f"{s}>{peer['peer1']}", 0)) for s in sources])
     after = dict(r.split("=") for r in lab.psql(cursors).split())
     assert before.keys() == after.keys() and len(after) == 6
     for link, seq in after.items():
         if link.endswith(f">{peer['peer1']}"):
-            assert int(seq) == target, link
+            assert seq == sent[link], link
         else:
             assert seq == before[link], f"peer1 moved the cursor of link {link}"
 

@@ -1,13 +1,17 @@
-"""RouteTable: longest-prefix match, and errors an operator can act on."""
+"""RouteTable: longest-prefix match, and errors an operator can act on; SourceFilter: the
+incoming half of AllowedIPs."""
 
 from __future__ import annotations
 
 import ipaddress
 import random
+from pathlib import Path
 
 import pytest
 
-from pgvpn_agent.routing import RouteTable, RoutingError
+from pgvpn_agent.config import Peer, load
+from pgvpn_agent.routing import RouteTable, RoutingError, SourceFilter
+from tests.packets import ipv4, ipv6, ports
 
 
 def raw(address: str) -> bytes:
@@ -115,3 +119,86 @@ def test_cache_matches_uncached_answers_across_clears() -> None:
                                        | rng.getrandbits(16)) for _ in range(10_000)]
     for address in addresses + addresses[::-1]:
         assert table.lookup(address.packed) == scan(address)
+
+
+# The mesh of docs/config.md, plus a gateway whose default routes cover everyone's addresses.
+MESH = [
+    Peer("peer1", (ipaddress.ip_interface("10.77.0.1/24"), ipaddress.ip_interface("fd77::1/64"))),
+    Peer("peer2", (ipaddress.ip_interface("10.77.0.2/24"), ipaddress.ip_interface("fd77::2/64")),
+         (ipaddress.ip_network("192.168.20.0/24"),)),
+    Peer("gateway", (ipaddress.ip_interface("10.77.0.9/24"),),
+         (ipaddress.ip_network("0.0.0.0/0"), ipaddress.ip_network("::/0"))),
+]
+SOURCES = SourceFilter((str(net), p.name) for p in MESH for net in p.prefixes())
+
+
+def udp(src: str, dst: str) -> bytes:
+    payload = ports(1234, 5678)
+    return ipv6(src, dst, 17, payload) if ":" in src else ipv4(src, dst, 17, payload)
+
+
+@pytest.mark.parametrize(("sender", "source", "reason"), [
+    ("peer1", "10.77.0.1", None),
+    ("peer1", "fd77::1", None),
+    ("peer2", "192.168.20.7", None),  # a routed prefix, not only the tunnel address
+    ("peer1", "10.77.0.2", "bad_source"),  # another peer's address
+    ("peer1", "fd77::2", "bad_source"),
+    ("peer1", "192.168.20.7", "bad_source"),  # another peer's routed prefix
+    ("peer1", "192.0.2.1", "bad_source"),  # inside no prefix of the sender
+    ("peer1", "2001:db8::1", "bad_source"),
+    ("peer1", "fd77::1:1", "bad_source"),  # the sender's /64 is on the TUN, its address a /128
+    ("gateway", "192.0.2.1", None),  # the default route: the internet behind the gateway
+    ("gateway", "2001:db8::1", None),
+    ("gateway", "10.77.0.9", None),
+    ("gateway", "10.77.0.1", "bad_source"),  # a more specific prefix of another peer wins
+    ("gateway", "fd77::2", "bad_source"),
+    ("gateway", "192.168.20.7", "bad_source"),
+    ("stranger", "10.77.0.1", "bad_source"),  # a sender no peer entry names owns nothing
+])
+def test_source_must_be_the_senders(sender: str, source: str, reason: str | None) -> None:
+    assert SOURCES.check(sender, udp(source, "10.77.0.2" if "." in source else "fd77::2")) \
+        == reason
+
+
+@pytest.mark.parametrize("packet", [
+    b"",
+    b"\x45" + b"\0" * 14,  # IPv4 cut before the end of its source address
+    b"\x60" + b"\0" * 22,  # IPv6 likewise
+    udp("10.77.0.1", "10.77.0.2")[:15],
+    udp("fd77::1", "fd77::2")[:23],
+    b"\x00" + udp("10.77.0.1", "10.77.0.2")[1:],  # version 0
+    b"\x55" + udp("10.77.0.1", "10.77.0.2")[1:],  # version 5
+    b"\xf0" * 40,
+])
+def test_malformed_packets_hold_no_source(packet: bytes) -> None:
+    assert SOURCES.check("peer1", packet) == "malformed"
+
+
+def test_shortest_packets_that_hold_a_source_are_checked() -> None:
+    v4 = udp("10.77.0.1", "10.77.0.2")[:16]
+    v6 = udp("fd77::1", "fd77::2")[:24]
+    assert SOURCES.check("peer1", v4) is None
+    assert SOURCES.check("peer2", v4) == "bad_source"
+    assert SOURCES.check("peer1", v6) is None
+    assert SOURCES.check("peer2", v6) == "bad_source"
+
+
+def test_the_config_builds_the_filter_over_every_peer_this_one_included(tmp_path: Path) -> None:
+    path = tmp_path / "peer2.toml"
+    path.write_text('''peer = "peer2"
+[database]
+dsn = "host=/run/postgresql dbname=pgvpn"
+[[peers]]
+name = "peer1"
+addresses = ["10.77.0.1/24"]
+routes = ["0.0.0.0/0"]
+[[peers]]
+name = "peer2"
+addresses = ["10.77.0.2/24"]
+routes = ["192.168.20.0/24"]
+''')
+    sources = load(path).source_filter()
+    assert sources.check("peer1", udp("192.0.2.1", "10.77.0.2")) is None
+    # this agent's own address and prefix are not peer1's to send from, despite its default route
+    assert sources.check("peer1", udp("10.77.0.2", "10.77.0.2")) == "bad_source"
+    assert sources.check("peer1", udp("192.168.20.1", "10.77.0.2")) == "bad_source"
