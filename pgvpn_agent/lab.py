@@ -98,6 +98,8 @@ class Lab:
     # max_transaction), and its process
     housekeeping: dict[str, Any] = field(default_factory=dict)
     housekeeping_pid: int = 0
+    # 0: the latest schema; an earlier version, for upgrade tests (no housekeeping before 11)
+    schema: int = 0
 
     @property
     def pgdir(self) -> Path:
@@ -125,7 +127,7 @@ class Lab:
     def create(cls, workdir: Path = DEFAULT_DIR, *, peers: int = 2, mode: str = "logged",
                batch_max: int | None = None, mtu: int = 1500, prefix: str = "pgvpn-lab",
                port: int = 55432, transport: dict[str, Any] | None = None,
-               encrypt: bool = False, offload: bool = True) -> Lab:
+               encrypt: bool = False, offload: bool = True, schema: int = 0) -> Lab:
         if (workdir / "lab.json").exists():
             raise LabError(f"a lab is already up in {workdir}: run `pgvpn lab down` first")
         if peers < 2 or peers > 200:
@@ -134,7 +136,8 @@ class Lab:
         if batch_max is not None:
             tr["batch_max"] = batch_max
         lab = cls(workdir=workdir, prefix=prefix, port=port, mode=mode, transport=tr, mtu=mtu,
-                  pg_bin=_pg_bin(), encrypt=encrypt, offload=offload and mode != "payload")
+                  pg_bin=_pg_bin(), encrypt=encrypt, offload=offload and mode != "payload",
+                  schema=schema)
         for i in range(1, peers + 1):
             lab.peers.append(LabPeer(
                 name=f"peer{i}", netns=f"{prefix}{i}", ipv4=f"10.77.{i // 250}.{i % 250}",
@@ -157,7 +160,8 @@ class Lab:
             self.add_namespaces()
             self.start_postgres(init=True)
             self.init_database()
-            self.start_housekeeping()
+            if self.hardened:
+                self.start_housekeeping()
             if self.encrypt:
                 self.write_keys()
             for peer in self.peers:
@@ -263,7 +267,7 @@ class Lab:
         from pgvpn_agent.config import Database
 
         with db.connect(Database(dsn=self.dsn()), "pgvpn-lab") as conn:
-            schema.migrate(conn)
+            schema.migrate(conn, target=self.schema or None)
             # As the Ansible role does: peers reach no other database, one login per peer,
             # a housekeeping login for the service on the database host, peers registered.
             for other in ("postgres", "template1"):
@@ -273,9 +277,19 @@ class Lab:
                 conn.execute(f'CREATE ROLE "{role}" LOGIN CONNECTION LIMIT 8 IN ROLE pgvpn_agent')
                 for key, value in PEER_ROLE_SETTINGS.items():
                     conn.execute(f"ALTER ROLE \"{role}\" SET {key} = '{value}'")
-            conn.execute(f"CREATE ROLE {HOUSEKEEPING_ROLE} LOGIN "
-                         "IN ROLE pgvpn_operator, pg_monitor, pg_signal_backend")
+            if self.hardened:
+                self.add_housekeeping_role(conn)
             conn.execute("SELECT pgvpn.register_peers(%s)", ([p.name for p in self.peers],))
+
+    @property
+    def hardened(self) -> bool:
+        from pgvpn_agent import schema
+
+        return not self.schema or self.schema >= schema.HARDENED
+
+    def add_housekeeping_role(self, conn: Any) -> None:
+        conn.execute(f"CREATE ROLE {HOUSEKEEPING_ROLE} LOGIN "
+                     "IN ROLE pgvpn_operator, pg_monitor, pg_signal_backend")
 
     # -- housekeeping --------------------------------------------------------------------------
 
