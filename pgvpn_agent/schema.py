@@ -168,6 +168,9 @@ def _harden(conn: psycopg.Connection[Any], owner: str) -> None:
             sql.SQL(kind), sql.SQL(name), ident))
     database = sql.Identifier(str(conn.info.dbname))
     conn.execute(sql.SQL("REVOKE TEMPORARY ON DATABASE {} FROM PUBLIC").format(database))
+    # PostgreSQL 15 made new databases so; one upgraded from an older release still lets
+    # anyone create objects in public
+    conn.execute("REVOKE CREATE ON SCHEMA public FROM PUBLIC")
     for function, is_lock in conn.execute(_REVOKED).fetchall():
         conn.execute(sql.SQL("REVOKE EXECUTE ON FUNCTION {} FROM PUBLIC").format(
             sql.SQL(function)))
