@@ -167,6 +167,29 @@ def test_a_dsn_without_host_follows_pghost(monkeypatch: pytest.MonkeyPatch) -> N
     assert "database.sslrootcert: required" in error({**BASE, "database": {"dsn": "dbname=x"}})
 
 
+@pytest.mark.parametrize("dsn", ["service=pgvpn", "service=pgvpn dbname=pgvpn"])
+def test_a_service_without_host_needs_tls(dsn: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The service file may name a network host the agent cannot see: TLS as for any."""
+    for name in ("PGHOST", "PGHOSTADDR", "PGSERVICE"):
+        monkeypatch.delenv(name, raising=False)
+    assert "database.sslrootcert: required" in error({**BASE, "database": {"dsn": dsn}})
+    ok = config.parse({**BASE, "database": {"dsn": "service=pgvpn host=/run/postgresql"}})
+    assert ok.database.tls() == {}
+    monkeypatch.setenv("PGSERVICE", "pgvpn")
+    assert "database.sslrootcert: required" in error({**BASE, "database": {"dsn": "dbname=x"}})
+
+
+@pytest.mark.parametrize("name", ["agent", "Reader", "operator", "owner", "house-keeping",
+                                  "housekeeping", "metrics"])
+def test_reserved_peer_names(name: str) -> None:
+    raw = copy.deepcopy(BASE)
+    raw["peers"][1]["name"] = name
+    if name == "house-keeping":  # its role, pgvpn_house_keeping, is nobody's: allowed
+        config.parse(raw)
+        return
+    assert "is reserved" in error(raw) and "choose another name" in error(raw)
+
+
 def test_payload_mode_is_opt_in() -> None:
     message = error(with_(mode="payload"))
     assert message.startswith("mode: ")
