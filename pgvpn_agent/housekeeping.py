@@ -105,26 +105,64 @@ class FreeSpace:
 
 
 # Peer sessions that hold a transaction open: a pinned NOTIFY queue, a lock that blocks
-# partition creation, vacuum held back. An agent's transactions last one batch.
-_LONG_TRANSACTIONS = """
-SELECT a.pid, a.usename, a.state, extract(epoch FROM now() - a.xact_start)::float8
-FROM pg_stat_activity a
-WHERE a.datname = current_database() AND a.pid <> pg_backend_pid()
-  AND a.xact_start < now() - make_interval(secs => %s)
+# partition creation or retention, vacuum held back. A peer can SET away its own timeouts, so
+# the watchdog is the bound. An agent's transactions last one batch or one fetch.
+_PEER_SESSION = """
+  AND a.pid <> pg_backend_pid() AND a.xact_start < now() - make_interval(secs => %s)
   AND EXISTS (SELECT FROM pg_auth_members m
               WHERE m.member = a.usesysid AND m.roleid = 'pgvpn_agent'::regrole)
 """
+_LONG_TRANSACTIONS = """
+SELECT a.pid, a.usename, a.state, extract(epoch FROM now() - a.xact_start)::float8
+FROM pg_stat_activity a
+WHERE a.datname = current_database()""" + _PEER_SESSION
+# ... and those holding a lock on the log that housekeeping just waited for in vain
+_LOG_LOCKERS = """
+SELECT DISTINCT a.pid, a.usename, a.state, extract(epoch FROM now() - a.xact_start)::float8
+FROM pg_locks l JOIN pg_stat_activity a ON a.pid = l.pid
+WHERE l.locktype = 'relation' AND l.granted AND a.datname = current_database()
+  AND (l.relation = 'pgvpn.packet'::regclass OR l.relation IN (
+       SELECT inhrelid FROM pg_inherits WHERE inhparent = 'pgvpn.packet'::regclass))""" \
+    + _PEER_SESSION
+# Under NOTIFY queue pressure, and when housekeeping is blocked, a peer's transaction older
+# than this is in the way (agents' take milliseconds).
+SHORT_TRANSACTION = 5.0
+QUEUE_PRESSURE = 0.05
+
+
+def _end_sessions(conn: db.Conn, query: str, age: float, reason: str) -> int:
+    ended = 0
+    for pid, role, state, seconds in conn.execute(query, (age,)).fetchall():
+        row = conn.execute("SELECT pg_terminate_backend(%s)", (pid,)).fetchone()
+        if row and row[0]:
+            ended += 1
+            metrics.WATCHDOG_TERMINATED.labels(reason).inc()
+            log.warning("watchdog: ended session %d of %s, %s in a transaction for %.0fs (%s)",
+                        pid, role, state, seconds, reason.replace("_", " "))
+    return ended
 
 
 def watchdog(max_transaction: float) -> Job:
     def run(conn: db.Conn) -> None:
-        for pid, role, state, age in conn.execute(_LONG_TRANSACTIONS, (max_transaction,)):
-            row = conn.execute("SELECT pg_terminate_backend(%s)", (pid,)).fetchone()
-            if row and row[0]:
-                metrics.WATCHDOG_TERMINATED.inc()
-                log.warning("watchdog: ended session %d of %s, %s in a transaction for %.0fs "
-                            "(over --max-transaction %.0fs)", pid, role, state, age,
-                            max_transaction)
+        row = conn.execute("SELECT pg_notification_queue_usage()").fetchone()
+        if row and row[0] > QUEUE_PRESSURE:
+            _end_sessions(conn, _LONG_TRANSACTIONS, min(max_transaction, SHORT_TRANSACTION),
+                          "notify_queue")
+        _end_sessions(conn, _LONG_TRANSACTIONS, max_transaction, "long_transaction")
+
+    return run
+
+
+def unblocked(job: Job) -> Job:
+    """A job that locks the log: when it waited in vain behind a peer session's transaction
+    older than SHORT_TRANSACTION, that session is ended and the job tried once more."""
+    def run(conn: db.Conn) -> None:
+        try:
+            job(conn)
+        except psycopg.errors.LockNotAvailable:
+            if not _end_sessions(conn, _LOG_LOCKERS, SHORT_TRANSACTION, "blocking_housekeeping"):
+                raise
+            job(conn)
 
     return run
 
@@ -158,8 +196,9 @@ class Housekeeping:
         r = retention
         every = {"partitions": 600.0, "indexes": 3600.0, "retention": r.every,
                  "free_space": 5.0, "watchdog": 5.0}
-        run: dict[str, Job] = {"partitions": ensure_partitions, "indexes": index_closed_days,
-                               "retention": retention_job(r.keep_days, r.max_bytes),
+        run: dict[str, Job] = {"partitions": unblocked(ensure_partitions),
+                               "indexes": unblocked(index_closed_days),
+                               "retention": unblocked(retention_job(r.keep_days, r.max_bytes)),
                                "free_space": FreeSpace(r.min_free),
                                "watchdog": watchdog(max_transaction)}
         self.jobs = [Periodic(name, every[name], run[name])

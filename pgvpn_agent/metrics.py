@@ -180,8 +180,12 @@ HOUSEKEEPING_RUNS = Counter("pgvpn_housekeeping_runs", "Housekeeping job runs (p
                             "by job and result (ok, failed).",
                             ["job", "result"])
 WATCHDOG_TERMINATED = Counter("pgvpn_watchdog_terminated_sessions", "Peer sessions housekeeping's "
-                              "watchdog ended for holding a transaction open longer than "
-                              "--max-transaction (a peer can SET away its own timeouts).")
+                              "watchdog ended, by reason: long_transaction (open longer than "
+                              "--max-transaction; a peer can SET away its own timeouts), "
+                              "notify_queue (open over 5 s while the NOTIFY queue fills), "
+                              "blocking_housekeeping (holding a lock on the log that "
+                              "partitions, indexes or retention waited for).", ["reason"])
+WATCHDOG_REASONS = ("long_transaction", "notify_queue", "blocking_housekeeping")
 LOG_FILESYSTEM_AVAIL = Gauge("pgvpn_log_filesystem_avail_bytes", "Bytes available on the "
                              "filesystem today's log partition is written to (free_space job).")
 HOUSEKEEPING_LAST_OK = Gauge("pgvpn_housekeeping_last_success_timestamp_seconds", "Unix time of "
@@ -225,6 +229,8 @@ def start_housekeeping(jobs: Iterable[str], address: str, port: int | None) -> N
     for reason in RETENTION_REASONS:
         RETENTION_DROPPED.labels(reason)
         RETENTION_FREED.labels(reason)
+    for why in WATCHDOG_REASONS:
+        WATCHDOG_TERMINATED.labels(why)
     for job in jobs:
         HOUSEKEEPING_LAST_OK.labels(job)
         HOUSEKEEPING_SECONDS.labels(job)

@@ -29,14 +29,30 @@ HARDENED = 11
 GROUP_ROLES = ("pgvpn_agent", "pgvpn_reader", "pgvpn_operator")
 # pg_catalog functions PUBLIC may run by default that a peer must not: advisory locks (a peer
 # could squat another agent's key or housekeeping's) and large objects (storage outside every
-# quota). The owner's definer functions take their locks with them.
+# quota). The owner's definer functions take their locks with the three granted back to it.
 _REVOKED = """
-SELECT p.oid::regprocedure::text, p.proname LIKE '%advisory%'
-FROM pg_catalog.pg_proc p
+SELECT p.oid::regprocedure::text FROM pg_catalog.pg_proc p
 WHERE p.pronamespace = 'pg_catalog'::regnamespace
   AND (p.proname LIKE 'pg%advisory%' OR p.proname LIKE 'lo\\_%'
        OR p.proname IN ('loread', 'lowrite'))
 ORDER BY 1
+"""
+OWNER_LOCKS = ("pg_try_advisory_lock(integer,integer)", "pg_advisory_xact_lock(bigint)",
+               "pg_try_advisory_xact_lock(bigint)")
+# Who else is connected and when it is busy, what it locks, how each table grows: PUBLIC may
+# read all of it by default, and a peer would learn from it who talks when. Operators
+# (pgvpn_reader) and monitoring (pg_monitor) keep it.
+_STATISTICS = """
+SELECT 'FUNCTION', 'EXECUTE', p.oid::regprocedure::text FROM pg_catalog.pg_proc p
+WHERE p.pronamespace = 'pg_catalog'::regnamespace
+  AND (p.proname LIKE 'pg\\_stat\\_get\\_%'
+       OR p.proname IN ('pg_lock_status', 'pg_blocking_pids', 'pg_safe_snapshot_blocking_pids'))
+UNION ALL
+SELECT 'TABLE', 'SELECT', c.oid::regclass::text FROM pg_catalog.pg_class c
+WHERE c.relnamespace = 'pg_catalog'::regnamespace AND c.relkind = 'v'
+  AND (c.relname LIKE 'pg\\_stat\\_%' OR c.relname LIKE 'pg\\_statio\\_%'
+       OR c.relname = 'pg_locks')
+ORDER BY 1, 3
 """
 # Objects an earlier version created as the superuser; indexes, TOAST tables and identity
 # sequences follow their table.
@@ -171,14 +187,26 @@ def _harden(conn: psycopg.Connection[Any], owner: str) -> None:
     # PostgreSQL 15 made new databases so; one upgraded from an older release still lets
     # anyone create objects in public
     conn.execute("REVOKE CREATE ON SCHEMA public FROM PUBLIC")
-    for function, is_lock in conn.execute(_REVOKED).fetchall():
+    for (function,) in conn.execute(_REVOKED).fetchall():
         conn.execute(sql.SQL("REVOKE EXECUTE ON FUNCTION {} FROM PUBLIC").format(
             sql.SQL(function)))
-        if is_lock:
-            conn.execute(sql.SQL("GRANT EXECUTE ON FUNCTION {} TO {}").format(
-                sql.SQL(function), ident))
+    for function in OWNER_LOCKS:
+        conn.execute(sql.SQL("GRANT EXECUTE ON FUNCTION {} TO {}").format(
+            sql.SQL(function), ident))
+    for kind, privilege, name in conn.execute(_STATISTICS).fetchall():
+        conn.execute(sql.SQL("REVOKE {privilege} ON {kind} {name} FROM PUBLIC; "
+                             "GRANT {privilege} ON {kind} {name} TO pg_monitor, pgvpn_reader")
+                     .format(privilege=sql.SQL(privilege), kind=sql.SQL(kind),
+                             name=sql.SQL(name)))
     conn.execute(sql.SQL("ALTER DEFAULT PRIVILEGES FOR ROLE {} REVOKE EXECUTE ON FUNCTIONS "
                          "FROM PUBLIC").format(ident))
+    # statistics an earlier version let ANALYZE gather on the log (0011: none but its time)
+    conn.execute("""DELETE FROM pg_catalog.pg_statistic s USING pg_catalog.pg_attribute a
+                    WHERE a.attrelid = s.starelid AND a.attnum = s.staattnum
+                      AND a.attname <> 'logged_at'
+                      AND (s.starelid = to_regclass('pgvpn.packet') OR s.starelid IN (
+                           SELECT inhrelid FROM pg_catalog.pg_inherits
+                           WHERE inhparent = to_regclass('pgvpn.packet')))""")
 
 
 def check_version(conn: psycopg.Connection[Any]) -> None:

@@ -12,6 +12,20 @@
 -- Peers: names that would collide with the project's own roles are refused; each peer gets a
 -- secret NOTIFY channel that only it learns (my_channel()), so no one else can LISTEN to its
 -- wake-ups; a revoked peer keeps its rows but its login maps to no peer.
+DO $$
+DECLARE
+    taken text;
+BEGIN
+    SELECT string_agg(name, ', ') INTO taken FROM pgvpn.peer
+    WHERE db_role IN ('pgvpn_agent', 'pgvpn_reader', 'pgvpn_operator', 'pgvpn_owner',
+                      'pgvpn_housekeeping', 'pgvpn_metrics');
+    IF taken IS NOT NULL THEN
+        RAISE EXCEPTION 'pgvpn: peers named % have a login role that is one of pgvpn''s own '
+            'roles; rename them (a new name, new credentials) before upgrading', taken
+            USING ERRCODE = 'PV003';
+    END IF;
+END
+$$;
 ALTER TABLE pgvpn.peer ADD CONSTRAINT peer_name_not_reserved CHECK (db_role NOT IN (
     'pgvpn_agent', 'pgvpn_reader', 'pgvpn_operator', 'pgvpn_owner', 'pgvpn_housekeeping',
     'pgvpn_metrics'));
@@ -21,11 +35,37 @@ ALTER TABLE pgvpn.peer
     ADD COLUMN revoked_at timestamptz,
     ADD COLUMN bytes_per_day bigint CHECK (bytes_per_day >= 0);
 COMMENT ON COLUMN pgvpn.peer.channel IS
-    'Secret NOTIFY channel of this peer''s receiver; readable by operators, not by peers.';
+    'Secret NOTIFY channel of this peer''s receiver; only its own peer learns it (my_channel()).';
 COMMENT ON COLUMN pgvpn.peer.revoked_at IS
     'Set by `pgvpn db revoke`: the login maps to no peer any more (my_peer() is NULL).';
 COMMENT ON COLUMN pgvpn.peer.bytes_per_day IS
     'This peer''s daily log quota in charged bytes; NULL: pgvpn.limits.peer_bytes_per_day.';
+
+-- No column statistics on the log but its time: the planner's estimates, which EXPLAIN shows to
+-- anyone who may query the table, would tell a peer how much each peer sends and receives, and
+-- to which addresses and ports. Inserts and the receivers' indexed reads do not need them; a
+-- `pgvpn log` filter on a closed day still finds its index. (schema.py removes statistics an
+-- earlier version gathered; ensure_partitions() sets the same on every new day.)
+CREATE FUNCTION pgvpn.hide_statistics(rel regclass)
+RETURNS void
+LANGUAGE plpgsql
+SET search_path = pg_catalog, pgvpn, pg_temp
+AS $$
+DECLARE
+    col text;
+BEGIN
+    FOR col IN SELECT a.attname FROM pg_catalog.pg_attribute a
+               WHERE a.attrelid = rel AND a.attnum > 0 AND NOT a.attisdropped
+                 AND a.attname <> 'logged_at' LOOP
+        EXECUTE format('ALTER TABLE %s ALTER COLUMN %I SET STATISTICS 0', rel, col);
+    END LOOP;
+END
+$$;
+COMMENT ON FUNCTION pgvpn.hide_statistics(regclass) IS
+    'No planner statistics on a log table''s columns but logged_at (they would leak volumes).';
+SELECT pgvpn.hide_statistics('pgvpn.packet'::regclass);
+SELECT pgvpn.hide_statistics(i.inhrelid::regclass) FROM pg_catalog.pg_inherits i
+WHERE i.inhparent = 'pgvpn.packet'::regclass;
 
 -- What one call of send_batch() may carry, and each peer's share of the log per day (UTC).
 CREATE TABLE pgvpn.limits (
@@ -289,6 +329,7 @@ BEGIN
                 'CREATE TABLE pgvpn.%I PARTITION OF pgvpn.packet FOR VALUES FROM (%L) TO (%L)',
                 part, d::timestamp AT TIME ZONE 'UTC', (d + 1)::timestamp AT TIME ZONE 'UTC');
             EXECUTE format('ALTER TABLE pgvpn.%I ALTER COLUMN payload SET STORAGE EXTERNAL', part);
+            PERFORM pgvpn.hide_statistics(format('pgvpn.%I', part)::regclass);
             created := created + 1;
         EXCEPTION WHEN check_violation THEN
             RAISE WARNING 'pgvpn: partition % not created, rows for it are in packet_default', part;

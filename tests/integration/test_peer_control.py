@@ -81,7 +81,8 @@ def test_watchdog_ends_a_peer_session_that_holds_a_transaction(make_lab):
         time.sleep(0.5)
     conn.close()
     print(f"watchdog: session ended {time.monotonic() - started:.1f}s into its transaction")
-    assert lab.housekeeping_metrics()["pgvpn_watchdog_terminated_sessions_total"] >= 1
+    assert lab.housekeeping_metrics()[
+        'pgvpn_watchdog_terminated_sessions_total{reason="long_transaction"}'] >= 1
     assert "watchdog: ended session" in lab.housekeeping_log.read_text()
     assert lab.ping(p1, p2) and lab.ping(p2, p1)
     for peer in lab.peers:
@@ -131,3 +132,71 @@ def _above(value: float, floor: float) -> None:
 
 def _true(value: bool) -> None:
     assert value
+
+
+def test_a_peer_cannot_hold_up_partition_creation(make_lab):
+    """A peer's transaction holding its read lock on the log while housekeeping must create a
+    day: the job waits 500 ms, ends that session (older than a batch could be) and retries."""
+    lab = make_lab(peers=2)
+    p1, p2 = lab.peers
+    lab.stop_housekeeping()
+    day = lab.psql("SELECT 'packet_' || to_char((now() AT TIME ZONE 'UTC')::date + 2, "
+                   "'YYYYMMDD')")
+    lab.psql(f"DROP TABLE pgvpn.{day}")
+    conn = psycopg.connect(lab.dsn("pgvpn_peer1"), autocommit=True)
+    conn.execute("BEGIN")
+    conn.execute("SELECT count(*) FROM pgvpn.packet")
+    time.sleep(6)
+    started = time.monotonic()
+    lab.start_housekeeping(max_transaction=600)
+
+    def made() -> None:
+        assert lab.psql(f"SELECT to_regclass('pgvpn.{day}') IS NOT NULL") == "t"
+    eventually(made, timeout=20)
+    print(f"partition made {time.monotonic() - started:.1f}s after housekeeping started")
+    with pytest.raises(psycopg.OperationalError):
+        conn.execute("SELECT 1")
+    conn.close()
+    m = lab.housekeeping_metrics()
+    assert m['pgvpn_watchdog_terminated_sessions_total{reason="blocking_housekeeping"}'] == 1, m
+    assert lab.ping(p1, p2) and lab.ping(p2, p1)
+
+
+def test_watchdog_frees_a_pinned_notify_queue(make_lab):
+    """A peer LISTENs in a transaction it never ends while another of its sessions floods the
+    cluster's NOTIFY queue (the NOTIFY command needs no privilege): past 5 % full, the pinning
+    session goes within seconds, long before the queue (8 GB) is full."""
+    lab = make_lab(peers=2)
+    p1, p2 = lab.peers
+    lab.start_housekeeping(max_transaction=600)
+    pin = psycopg.connect(lab.dsn("pgvpn_peer1"), autocommit=True)
+    pin.execute("LISTEN flood")
+    pin.execute("BEGIN")
+    pin.execute("SELECT 1")
+    flood = psycopg.connect(lab.dsn("pgvpn_peer1"), autocommit=True)
+    usage = "SELECT pg_notification_queue_usage()"
+    started = time.monotonic()
+    peak = 0.0
+    try:
+        while time.monotonic() - started < 120:
+            flood.execute("DO $$ BEGIN FOR i IN 1..2000 LOOP EXECUTE format('NOTIFY flood, %L', "
+                          "i || repeat('x', 7900)); END LOOP; END $$")
+            level = float(flood.execute(usage).fetchone()[0])  # type: ignore[index]
+            peak = max(peak, level)
+            if pin.closed or pin.info.transaction_status == psycopg.pq.TransactionStatus.UNKNOWN:
+                break
+            try:
+                pin.execute("SELECT 1")
+            except psycopg.OperationalError:
+                break
+        else:
+            raise AssertionError(f"the pinning session was never ended (queue at {peak:.0%})")
+    finally:
+        pin.close()
+    print(f"notify queue: pin ended after {time.monotonic() - started:.1f}s at {peak:.1%}")
+    assert peak < 0.5
+    eventually(lambda: _equal(float(flood.execute(usage).fetchone()[0]), 0.0))  # type: ignore[index]
+    flood.close()
+    m = lab.housekeeping_metrics()
+    assert m['pgvpn_watchdog_terminated_sessions_total{reason="notify_queue"}'] >= 1, m
+    assert lab.ping(p1, p2) and lab.ping(p2, p1)
