@@ -38,6 +38,11 @@ class Delivered:
         with self._lock:
             return self._since if self._pending else None
 
+    def in_flight(self) -> bool:
+        """A transaction carries cursors now: take() returns nothing until it finishes."""
+        with self._lock:
+            return self._carried is not None
+
     def take(self) -> dict[int, int]:
         """The pending cursors, for one transaction; {} if none or one is already in flight."""
         with self._lock:

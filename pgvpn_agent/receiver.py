@@ -51,6 +51,8 @@ LEFT JOIN LATERAL (
 ) AS p ON l.tx_seq > c.rx
 """
 LAG_EVERY = 2.0
+# How often the receiver polls while its cursors wait for a sender's transaction in flight.
+STALLED_POLL = 0.05
 # A page of rows is bounded in bytes as well as rows (transport.fetch_max): with TUN offload a
 # row can hold 64 KB, and a page is held about three times over while it is delivered.
 PAGE_BYTES = 2 << 20
@@ -92,7 +94,12 @@ class Receiver:
                         self._deliver_payloads(wait)
                         continue
                     due = self._save_due()
-                    if due is None or due >= wait:
+                    if due is not None and due <= 0 and self.delivered.in_flight():
+                        # A batch of the sender carries earlier cursors and has not committed
+                        # (a slow commit, a lock wait): the save waits for it, delivery does not.
+                        self._wait(min(wait, STALLED_POLL))
+                        self._fetch_all()
+                    elif due is None or due >= wait:
                         self._wait(wait)
                         self._fetch_all()
                     elif due > 0 and self._wait(due, poll=False):

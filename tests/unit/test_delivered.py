@@ -38,7 +38,9 @@ def test_only_one_transaction_carries_cursors_at_a_time():
     assert d.take() == {1: 5}
     d.post({1: 6})
     assert d.take() == {}, "a second transaction must not lock the same rows"
+    assert d.in_flight()
     d.finished(committed=True)
+    assert not d.in_flight()
     assert d.take() == {1: 6}
 
 
