@@ -58,6 +58,9 @@ class Database:
     password_file: Path | None = None
     password_env: str | None = None
     connect_timeout: float = 5.0
+    # Seconds after which a silent network path to the database counts as dead: TCP keepalives
+    # and tcp_user_timeout end the connection, the agent reconnects (DESIGN.md trap 18).
+    dead_path_timeout: float = 10.0
     # None leaves TLS to the dsn and libpq: `--dsn` on the command line, unix sockets.
     sslmode: str | None = None
     sslrootcert: Path | None = None
@@ -284,7 +287,7 @@ def parse(raw: dict[str, Any]) -> Config:
 
 def _database(raw: dict[str, Any]) -> Database:
     _known(raw, "database.", {"dsn", "password_file", "password_env", "connect_timeout",
-                              "allow_plaintext", *_TLS_KEYS})
+                              "dead_path_timeout", "allow_plaintext", *_TLS_KEYS})
     dsn = _str(raw, "database.", "dsn", required=True)
     if re.search(r"(^|\s)password\s*=", dsn) or re.search(r"://[^/@:]*:[^/@]*@", dsn):
         raise ConfigError(
@@ -342,6 +345,7 @@ def _database(raw: dict[str, Any]) -> Database:
         password_file=Path(pw_file) if pw_file else None,
         password_env=pw_env,
         connect_timeout=_num(raw, "database.", "connect_timeout", 5.0, lo=0.5, hi=300),
+        dead_path_timeout=_num(raw, "database.", "dead_path_timeout", 10.0, lo=3, hi=3600),
         sslmode=sslmode,
         insecure=insecure,
         **{k: Path(v) if v is not None else None for k, v in paths.items()},

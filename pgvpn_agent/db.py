@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import random
+import secrets
 import time
 from typing import Any
 
@@ -21,6 +22,7 @@ Conn = psycopg.Connection[Any]
 # caller's own peer id: peers may not take advisory locks themselves (schema v11).
 LOCK_SENDER = 1
 LOCK_RECEIVER = 2
+_DIRECTIONS = {LOCK_SENDER: "sender", LOCK_RECEIVER: "receiver"}
 
 
 class AlreadyRunning(RuntimeError):
@@ -36,8 +38,17 @@ def connect_kwargs(database: Database, application_name: str,
     thousands of times a second with the same shape: under the default plan_cache_mode the
     server re-planned the receiver's fetch on every wake-up (a quarter of its CPU).
     """
+    dead = database.dead_path_timeout
     return {
         "conninfo": database.dsn,
+        # A silent path is noticed within dead_path_timeout whether the agent is idle (LISTEN),
+        # waits for a result (keepalive probes: idle 40 %, then 3 probes 20 % apart) or has
+        # data in flight (tcp_user_timeout); libpq's defaults take the kernel's 2 h 11 min.
+        "keepalives": 1,
+        "keepalives_idle": max(1, round(dead * 0.4)),
+        "keepalives_interval": max(1, round(dead * 0.2)),
+        "keepalives_count": 3,
+        "tcp_user_timeout": int(dead * 1000),
         "password": database.password(),
         "connect_timeout": max(1, round(database.connect_timeout)),
         "application_name": application_name,
@@ -74,12 +85,32 @@ def tls_hint(database: Database, message: str) -> str:
     return ""
 
 
+# This process, to the database: a lock held under it is this agent's own session from before a
+# reconnect (pgvpn.lock_peer()).
+TOKEN = secrets.token_hex(8)
+
+
 def lock_peer(conn: Conn, direction: int, peer: str) -> None:
-    row = conn.execute("SELECT pgvpn.lock_peer(%s::int2)", (direction,)).fetchone()
-    if not row or not row[0]:
-        raise AlreadyRunning(
-            f"another pgvpn agent is connected as peer {peer!r}; each peer name must run once"
-        )
+    """Take this peer's lock for one direction, ending this process's own stale session.
+
+    After a dead path the server keeps the old session, and its lock, until it notices (its
+    keepalives): the reconnecting agent ends that session itself rather than wait.
+    """
+    for _ in range(3):
+        row = conn.execute("SELECT pgvpn.lock_peer(%s::int2, %s)",
+                           (direction, TOKEN)).fetchone()
+        holder = int(row[0]) if row else 0
+        if holder < 0:
+            return
+        if holder == 0:
+            break
+        log.warning("%s: ending this agent's own database session %d, left behind on a dead "
+                    "path, which still holds peer %s's lock", _DIRECTIONS[direction], holder,
+                    peer)
+        conn.execute("SELECT pg_terminate_backend(%s, 2000)", (holder,))
+    raise AlreadyRunning(
+        f"another pgvpn agent is connected as peer {peer!r}; each peer name must run once"
+    )
 
 
 class NotRegistered(RuntimeError):

@@ -43,6 +43,13 @@ PG_SETTINGS = {
     # the benchmark would measure that first-use cost (~5 % of the tunnel's throughput).
     "wal_init_zero": "off",
     "logging_collector": "off",
+    # A client gone silent is noticed within ~10 s, its backend (and the agent's lock) ended, as
+    # the Ansible role sets it (DESIGN.md trap 18).
+    "tcp_keepalives_idle": "4",
+    "tcp_keepalives_interval": "2",
+    "tcp_keepalives_count": "3",
+    "tcp_user_timeout": "10000",
+    "client_connection_check_interval": "5000",
 }
 # Management links (root namespace <-> each peer's namespace) carry the agents' metrics, so that
 # a Prometheus in the root namespace can scrape them. Each lab takes a free /23 of link-local
@@ -100,6 +107,10 @@ class Lab:
     housekeeping_pid: int = 0
     # 0: the latest schema; an earlier version, for upgrade tests (no housekeeping before 11)
     schema: int = 0
+    # Agents reach PostgreSQL over TCP through their management link (plaintext) instead of
+    # its unix socket: for tests of what a network path does.
+    tcp: bool = False
+    pg_settings: dict[str, str] = field(default_factory=dict)
 
     @property
     def pgdir(self) -> Path:
@@ -127,7 +138,8 @@ class Lab:
     def create(cls, workdir: Path = DEFAULT_DIR, *, peers: int = 2, mode: str = "logged",
                batch_max: int | None = None, mtu: int = 1500, prefix: str = "pgvpn-lab",
                port: int = 55432, transport: dict[str, Any] | None = None,
-               encrypt: bool = False, offload: bool = True, schema: int = 0) -> Lab:
+               encrypt: bool = False, offload: bool = True, schema: int = 0, tcp: bool = False,
+               pg_settings: dict[str, str] | None = None) -> Lab:
         if (workdir / "lab.json").exists():
             raise LabError(f"a lab is already up in {workdir}: run `pgvpn lab down` first")
         if peers < 2 or peers > 200:
@@ -137,7 +149,7 @@ class Lab:
             tr["batch_max"] = batch_max
         lab = cls(workdir=workdir, prefix=prefix, port=port, mode=mode, transport=tr, mtu=mtu,
                   pg_bin=_pg_bin(), encrypt=encrypt, offload=offload and mode != "payload",
-                  schema=schema)
+                  schema=schema, tcp=tcp, pg_settings=dict(pg_settings or {}))
         for i in range(1, peers + 1):
             lab.peers.append(LabPeer(
                 name=f"peer{i}", netns=f"{prefix}{i}", ipv4=f"10.77.{i // 250}.{i % 250}",
@@ -225,8 +237,13 @@ class Lab:
             self.workdir.chmod(0o755)
             self._as_postgres([f"{self.pg_bin}/initdb", "-D", str(self.datadir), "-U", "postgres",
                                "--auth=trust", "-E", "UTF8", "--no-sync"])
+            settings = {**PG_SETTINGS, **self.pg_settings}
+            if self.tcp:
+                settings["listen_addresses"] = "'*'"
+                with open(self.datadir / "pg_hba.conf", "a") as f:
+                    f.write(f"host all all {MGMT_SPACE} trust\n")
             with open(self.datadir / "postgresql.conf", "a") as f:
-                for k, v in PG_SETTINGS.items():
+                for k, v in settings.items():
                     f.write(f"{k} = {v}\n")
                 f.write(f"unix_socket_directories = '{self.sockdir}'\nport = {self.port}\n")
         self._pg_ctl("start", "-w", "-t", "60", "-l", str(self.pglog))
@@ -341,8 +358,13 @@ class Lab:
     # -- agents --------------------------------------------------------------------------------
 
     def write_config(self, peer: LabPeer) -> None:
-        lines = [f'peer = "{peer.name}"', f'mode = "{self.mode}"', "", "[database]",
-                 f'dsn = "{self.dsn(_role(peer.name))}"', "", "[tun]", f'name = "{peer.tun}"',
+        database = [f'dsn = "{self.dsn(_role(peer.name))}"']
+        if self.tcp:
+            database = [f'dsn = "host={peer.mgmt_host} port={self.port} dbname=pgvpn '
+                        f'user={_role(peer.name)}"', "allow_plaintext = true",
+                        'sslmode = "disable"']
+        lines = [f'peer = "{peer.name}"', f'mode = "{self.mode}"', "", "[database]", *database,
+                 "", "[tun]", f'name = "{peer.tun}"',
                  f"mtu = {self.mtu}", f"offload = {json.dumps(self.offload)}", "",
                  "[transport]"]
         transport = dict(self.transport)

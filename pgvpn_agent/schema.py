@@ -37,8 +37,10 @@ WHERE p.pronamespace = 'pg_catalog'::regnamespace
        OR p.proname IN ('loread', 'lowrite'))
 ORDER BY 1
 """
-OWNER_LOCKS = ("pg_try_advisory_lock(integer,integer)", "pg_advisory_xact_lock(bigint)",
-               "pg_try_advisory_xact_lock(bigint)")
+OWNER_LOCKS = ("pg_try_advisory_lock(integer,integer)", "pg_advisory_unlock(integer,integer)",
+               "pg_advisory_xact_lock(bigint)", "pg_try_advisory_xact_lock(bigint)")
+# What the owner's lock_peer() reads of _STATISTICS: who holds an agent's lock.
+OWNER_STATISTICS = ("TABLE pg_catalog.pg_locks", "FUNCTION pg_catalog.pg_lock_status()")
 # Who else is connected and when it is busy, what it locks, how each table grows: PUBLIC may
 # read all of it by default, and a peer would learn from it who talks when. Operators
 # (pgvpn_reader) and monitoring (pg_monitor) keep it.
@@ -198,6 +200,10 @@ def _harden(conn: psycopg.Connection[Any], owner: str) -> None:
                              "GRANT {privilege} ON {kind} {name} TO pg_monitor, pgvpn_reader")
                      .format(privilege=sql.SQL(privilege), kind=sql.SQL(kind),
                              name=sql.SQL(name)))
+    for thing in OWNER_STATISTICS:
+        privilege = "SELECT" if thing.startswith("TABLE") else "EXECUTE"
+        conn.execute(sql.SQL("GRANT {} ON {} TO {}").format(
+            sql.SQL(privilege), sql.SQL(thing), ident))
     conn.execute(sql.SQL("ALTER DEFAULT PRIVILEGES FOR ROLE {} REVOKE EXECUTE ON FUNCTIONS "
                          "FROM PUBLIC").format(ident))
     # statistics an earlier version let ANALYZE gather on the log (0011: none but its time)

@@ -111,26 +111,67 @@ SECURITY DEFINER
 SET search_path = pg_catalog, pgvpn, pg_temp
 AS $$ SELECT p.channel FROM pgvpn.peer p WHERE p.id = pgvpn.my_peer() $$;
 
--- An agent's "I am the only one running as this peer" lock, keyed on its own peer id: peers
--- cannot call pg_advisory_* themselves, so no one can squat another peer's key.
-CREATE FUNCTION pgvpn.lock_peer(direction smallint)
-RETURNS boolean
+-- An agent's "I am the only one running as this peer" locks, one per direction, keyed on its
+-- own peer id: peers cannot call pg_advisory_* themselves, so no one can squat another peer's
+-- key. Each agent process names itself with a random token: a lock held under the caller's own
+-- token is its own session from before a reconnect, left behind on a dead path (the server keeps
+-- it, and its lock, until it notices): lock_peer() returns that session's pid, which the agent
+-- may end (its own role's backend) before it tries again. A lock held under another token is
+-- another agent of the same name. And one process holds both directions or neither: an agent
+-- refuses a direction whose other half another process holds.
+CREATE TABLE pgvpn.agent_session (
+    peer smallint NOT NULL REFERENCES pgvpn.peer (id),
+    direction smallint NOT NULL CHECK (direction IN (1, 2)),
+    pid integer NOT NULL,
+    token text NOT NULL,
+    since timestamptz NOT NULL DEFAULT now(),
+    PRIMARY KEY (peer, direction)
+);
+COMMENT ON TABLE pgvpn.agent_session IS
+    'Which backend (and agent process, by its token) holds each peer''s sender (1) and '
+    'receiver (2) lock.';
+
+CREATE FUNCTION pgvpn.lock_peer(p_direction smallint, p_token text)
+RETURNS integer
 LANGUAGE plpgsql
 SECURITY DEFINER
 SET search_path = pg_catalog, pgvpn, pg_temp
 AS $$
 DECLARE
     me smallint := pgvpn.my_peer();
+    holder pgvpn.agent_session;
 BEGIN
     IF me IS NULL THEN
         RAISE EXCEPTION 'pgvpn: role % is not a registered peer', session_user
             USING ERRCODE = 'insufficient_privilege';
     END IF;
-    IF direction NOT IN (1, 2) THEN
-        RAISE EXCEPTION 'pgvpn: lock_peer direction is 1 (sender) or 2 (receiver)'
-            USING ERRCODE = 'PV003';
+    IF p_direction IS NULL OR p_direction NOT IN (1, 2) OR p_token IS NULL
+       OR length(p_token) NOT BETWEEN 8 AND 64 THEN
+        RAISE EXCEPTION 'pgvpn: lock_peer takes direction 1 (sender) or 2 (receiver) and a '
+            'token of 8 to 64 characters' USING ERRCODE = 'PV003';
     END IF;
-    RETURN pg_catalog.pg_try_advisory_lock(1886781440 + direction, me);
+    IF NOT pg_catalog.pg_try_advisory_lock(1886781440 + p_direction, me) THEN
+        SELECT * INTO holder FROM pgvpn.agent_session s
+        WHERE s.peer = me AND s.direction = p_direction;
+        -- 0: another process; a pid: this process's own session from before
+        RETURN CASE WHEN holder.token = p_token THEN holder.pid ELSE 0 END;
+    END IF;
+    -- the other direction: held now, by a live backend, of another process?
+    SELECT s.* INTO holder FROM pgvpn.agent_session s
+    JOIN pg_catalog.pg_locks l ON l.pid = s.pid AND l.locktype = 'advisory' AND l.granted
+         AND l.classid = 1886781440 + s.direction AND l.objid = me
+         AND l.database = (SELECT d.oid FROM pg_catalog.pg_database d
+                           WHERE d.datname = pg_catalog.current_database())
+    WHERE s.peer = me AND s.direction = 3 - p_direction;
+    IF FOUND AND holder.token <> p_token THEN
+        PERFORM pg_catalog.pg_advisory_unlock(1886781440 + p_direction, me);
+        RETURN 0;
+    END IF;
+    INSERT INTO pgvpn.agent_session AS s (peer, direction, pid, token)
+    VALUES (me, p_direction, pg_catalog.pg_backend_pid(), p_token)
+    ON CONFLICT (peer, direction) DO UPDATE
+        SET pid = excluded.pid, token = excluded.token, since = now();
+    RETURN -1;
 END
 $$;
 
@@ -454,8 +495,9 @@ REVOKE ALL ON ALL FUNCTIONS IN SCHEMA pgvpn FROM PUBLIC;
 REVOKE ALL ON ALL TABLES IN SCHEMA pgvpn FROM PUBLIC;
 REVOKE ALL ON ALL SEQUENCES IN SCHEMA pgvpn FROM PUBLIC;
 REVOKE ALL ON ALL FUNCTIONS IN SCHEMA pgvpn FROM pgvpn_agent, pgvpn_reader;
-GRANT EXECUTE ON FUNCTION pgvpn.my_peer(), pgvpn.my_channel(), pgvpn.lock_peer(smallint),
+GRANT EXECUTE ON FUNCTION pgvpn.my_peer(), pgvpn.my_channel(), pgvpn.lock_peer(smallint, text),
     pgvpn.segments(bytea, integer) TO pgvpn_agent;
+GRANT SELECT ON pgvpn.agent_session TO pgvpn_reader;
 GRANT EXECUTE ON FUNCTION pgvpn.send_batch(smallint, boolean, smallint[], bigint[], bigint[],
     smallint[], bigint[], timestamptz[], smallint[], inet[], inet[], smallint[], integer[],
     integer[], integer[], boolean[], bytea[], bytea[], smallint[], bigint[]) TO pgvpn_agent;

@@ -52,7 +52,7 @@ def test_revoked_peer_is_cut_off_at_once_and_stays_out(make_lab):
         assert conn.execute("SELECT pgvpn.my_peer()").fetchone() == (None,)
         assert conn.execute("SELECT count(*) FROM pgvpn.packet").fetchone() == (0,)
         with pytest.raises(psycopg.errors.InsufficientPrivilege, match="not a registered peer"):
-            conn.execute("SELECT pgvpn.lock_peer(1::int2)")
+            conn.execute("SELECT pgvpn.lock_peer(1::int2, 'whoever-it-is')")
     # ... and registering it again does not bring it back
     lab.psql("SELECT pgvpn.register_peers(ARRAY['peer3'])")
     assert lab.psql("SELECT revoked_at IS NOT NULL FROM pgvpn.peer WHERE name = 'peer3'") == "t"
