@@ -421,9 +421,11 @@ class Lab:
         _run(["ip", "-n", peer.netns, "addr", "add", f"{peer.metrics_host}/31", "dev", MGMT_IF])
         _run(["ip", "-n", peer.netns, "link", "set", MGMT_IF, "up"])
 
-    def start_agent(self, peer: LabPeer) -> None:
+    def start_agent(self, peer: LabPeer, env: dict[str, str] | None = None) -> None:
+        """Start a peer's agent in its namespace; `env` adds to its environment (a test's
+        libfaketime, say)."""
         log = open(peer.log, "ab")  # noqa: SIM115 - handed to the child
-        env = dict(os.environ, PYTHONUNBUFFERED="1")
+        env = dict(os.environ, PYTHONUNBUFFERED="1", **(env or {}))
         proc = subprocess.Popen(
             ["ip", "netns", "exec", peer.netns, sys.executable, "-m", "pgvpn_agent", "run",
              "--config", peer.config],

@@ -141,10 +141,9 @@ FETCH_SECONDS = Histogram("pgvpn_fetch_duration_seconds", "Wall time of one fetc
                           "for this peer (one query over every incoming link).",
                           buckets=_LATENCY_BUCKETS)
 DELIVERY_SECONDS = BatchHistogram(
-    "pgvpn_delivery_latency_seconds", "Per packet, from capture on the sender's TUN to the "
-    "write to this receiver's TUN. Two clocks: the sender's wall clock (the row's sent_at) and "
-    "this host's wall clock at the end of the batch's writes; skew between them adds to or "
-    "subtracts from it (negative values count as 0).", _DELIVERY_BUCKETS)
+    "pgvpn_delivery_latency_seconds", "Per packet, from its commit in the log to the write to "
+    "this receiver's TUN: the row's age by the database's clock (logged_at) when fetched, plus "
+    "this host's time to write the page. No two hosts' clocks are compared.", _DELIVERY_BUCKETS)
 WAKEUPS = Counter("pgvpn_receiver_wakeups", "Receiver wake-ups, by cause: notify (a "
                   "notification arrived) or poll (transport.poll_interval passed without one).",
                   ["cause"])

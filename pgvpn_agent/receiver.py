@@ -25,10 +25,11 @@ from pgvpn_agent.schema import check_version
 log = logging.getLogger(__name__)
 
 FETCH = """
-SELECT p.src_peer, p.seq, extract(epoch FROM p.sent_at)::float8, p.payload, p.offload
+SELECT p.src_peer, p.seq, extract(epoch FROM statement_timestamp() - p.logged_at)::float8,
+       p.payload, p.offload
 FROM unnest(%b::smallint[], %b::bigint[]) AS c (src, last)
 CROSS JOIN LATERAL (
-    SELECT src_peer, seq, sent_at, payload, offload FROM pgvpn.packet
+    SELECT src_peer, seq, logged_at, payload, offload FROM pgvpn.packet
     WHERE dst_peer = %b AND src_peer = c.src AND seq > c.last
     ORDER BY seq LIMIT %b
 ) AS p
@@ -175,7 +176,10 @@ class Receiver:
             metrics.FETCH_SECONDS.observe(time.perf_counter() - started)
             if not rows:
                 return
-            now = time.time()
+            # Ages come from the database's clock (now minus logged_at, both its own): no two
+            # hosts' clocks are ever compared, so a peer whose clock is off delivers as well.
+            fetched = time.perf_counter()
+            waited = fetched - started
             last: dict[int, int] = {}
             per_link: dict[int, list[int]] = {}
             delivered: list[float] = []
@@ -183,9 +187,9 @@ class Receiver:
             bad: dict[int, int] = {}  # sender id: packets from a source the sender does not own
             sender = -1
             name: str | None = None
-            for src, seq, sent_at, payload, offload in rows:
+            for src, seq, age, payload, offload in rows:
                 last[src] = seq
-                if now - sent_at > max_age:
+                if age > max_age:
                     stale += 1
                     continue
                 if src != sender:  # rows come grouped by link: one name lookup per link
@@ -217,7 +221,7 @@ class Receiver:
                 if not write(payload, offload):
                     refused += 1
                     continue
-                delivered.append(sent_at)
+                delivered.append(age)
                 c = per_link.get(src)
                 if c is None:
                     per_link[src] = [1, len(payload)]
@@ -225,6 +229,7 @@ class Receiver:
                     c[0] += 1
                     c[1] += len(payload)
             done = time.time()
+            late = time.perf_counter() - fetched + waited
             self.row_bytes = 0.8 * self.row_bytes + 0.2 * (
                 sum(len(r[3]) for r in rows) / len(rows))
             # What reached the TUN is delivered, whether or not the save gets through.
@@ -255,7 +260,7 @@ class Receiver:
                 metrics.PACKETS.labels("rx", self.names[src]).inc(n)
                 metrics.BYTES.labels("rx", self.names[src]).inc(size)
                 metrics.LAST_PACKET.labels("rx", self.names[src]).set(done)
-            metrics.DELIVERY_SECONDS.observe_batch([done - t for t in delivered])
+            metrics.DELIVERY_SECONDS.observe_batch([age + late for age in delivered])
             if len(rows) < limit:
                 return
             self._sample_lag()  # still behind: the backlog between two pages is the lag

@@ -235,10 +235,15 @@ class Sender:
         r_frag: list[bool] = []
         r_payload: list[bytes] = []
         r_offload: list[bytes | None] = []
-        malformed = no_route = 0
+        malformed = no_route = stale = 0
         vnet = tun.VNET_SIZE
         no_offload = tun.NO_OFFLOAD
+        # Captured longer ago than max_age (an outage's queue): this host's clock against itself.
+        oldest = time.time() - self.config.transport.max_age
         for sent_at, raw in batch:
+            if sent_at < oldest:
+                stale += 1
+                continue
             packet = raw[vnet:]
             try:
                 h = parse(packet)
@@ -279,6 +284,8 @@ class Sender:
             metrics.DROPPED.labels("malformed").inc(malformed)
         if no_route:
             metrics.DROPPED.labels("no_route").inc(no_route)
+        if stale:
+            metrics.DROPPED.labels("too_old").inc(stale)
         if not r_dst:
             return
         links = sorted(counts)

@@ -20,7 +20,7 @@ _counter = itertools.count(1)
 def _needs_root() -> str | None:
     if os.geteuid() != 0:
         return "integration tests need root (network namespaces, TUN, a PostgreSQL cluster)"
-    for tool in ("ip", "ping", "iperf3", "runuser", "psql"):
+    for tool in ("ip", "ping", "iperf3", "runuser", "psql", "faketime"):
         if shutil.which(tool) is None:
             return f"integration tests need `{tool}` (run scripts/bootstrap)"
     return None
