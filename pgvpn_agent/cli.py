@@ -271,8 +271,9 @@ def _db_retention(args: argparse.Namespace) -> int:
         raise configuration.ConfigError("retention: give --keep-days and/or --max-size")
     with db.connect(configuration.Database(dsn=args.dsn), "pgvpn-retention") as conn:
         dropped = apply_retention(conn, keep, max_bytes)
-    for part, day, size, reason in dropped:
-        print(f"dropped {part} ({day}, {size / 1e6:.1f} MB) by {reason}")
+    for part, day, size, reason, undelivered in dropped:
+        lost = f", {undelivered} rows never delivered" if undelivered else ""
+        print(f"dropped {part} ({day}, {size / 1e6:.1f} MB) by {reason}{lost}")
     if not dropped:
         print("nothing to drop")
     return 0

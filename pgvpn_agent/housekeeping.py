@@ -169,11 +169,15 @@ def unblocked(job: Job) -> Job:
 
 def _report(dropped: list[tuple[Any, ...]], reason: str | None = None) -> int:
     """Log and count each dropped partition; `reason` overrides the database's (age, size)."""
-    for part, day, size, why in dropped:
+    for part, day, size, why, undelivered in dropped:
         why = reason or why
         log.info("retention: dropped %s (%s, %.1f MB) by %s", part, day, size / 1e6, why)
         metrics.RETENTION_DROPPED.labels(why).inc()
         metrics.RETENTION_FREED.labels(why).inc(size)
+        if undelivered:
+            log.warning("retention: %d rows of %s had not been delivered to their receivers "
+                        "(a peer offline or removed); they are gone", undelivered, part)
+            metrics.RETENTION_UNDELIVERED.labels(why).inc(undelivered)
     return len(dropped)
 
 

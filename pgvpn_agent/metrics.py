@@ -174,6 +174,12 @@ RETENTION_DROPPED = Counter("pgvpn_retention_partitions_dropped", "Day partition
                             "bytes available, --on-disk-full drop_oldest).", ["reason"])
 RETENTION_FREED = Counter("pgvpn_retention_freed_bytes", "Bytes of packet log (table, indexes, "
                           "TOAST) freed by those drops, by reason.", ["reason"])
+RETENTION_UNDELIVERED = Counter("pgvpn_retention_undelivered_rows", "Rows those drops removed "
+                                "before their receiver had read them (past its cursor: a peer "
+                                "offline or removed), by reason.", ["reason"])
+SEQUENCE_GAPS = Counter("pgvpn_sequence_gap_packets", "Sequence numbers a receiver found missing "
+                        "on a link (rows the log lost: retention, a restore), by remote peer.",
+                        ["peer"])
 HOUSEKEEPING_RUNS = Counter("pgvpn_housekeeping_runs", "Housekeeping job runs (partitions ahead "
                             "of time, indexes on closed days, retention, free_space, watchdog), "
                             "by job and result (ok, failed).",
@@ -210,6 +216,8 @@ def start(config: Config) -> None:
         for peer in config.others:
             PACKETS.labels(direction, peer.name)
             BYTES.labels(direction, peer.name)
+    for peer in config.others:
+        SEQUENCE_GAPS.labels(peer.name)
     for reason in DROP_REASONS:
         DROPPED.labels(reason)
     RATE_LIMIT_PACKETS.set(config.transport.rate_limit_packets)
@@ -228,6 +236,7 @@ def start_housekeeping(jobs: Iterable[str], address: str, port: int | None) -> N
     for reason in RETENTION_REASONS:
         RETENTION_DROPPED.labels(reason)
         RETENTION_FREED.labels(reason)
+        RETENTION_UNDELIVERED.labels(reason)
     for why in WATCHDOG_REASONS:
         WATCHDOG_TERMINATED.labels(why)
     for job in jobs:

@@ -185,9 +185,14 @@ class Receiver:
             delivered: list[float] = []
             stale = refused = unsealable = forged = malformed = 0
             bad: dict[int, int] = {}  # sender id: packets from a source the sender does not own
+            gaps: dict[int, int] = {}  # sender id: sequence numbers missing from the log
+            cursor = self.cursor
             sender = -1
             name: str | None = None
             for src, seq, age, payload, offload in rows:
+                expected = last.get(src, cursor[src]) + 1
+                if seq != expected:
+                    gaps[src] = gaps.get(src, 0) + seq - expected
                 last[src] = seq
                 if age > max_age:
                     stale += 1
@@ -242,6 +247,11 @@ class Receiver:
                 metrics.DROPPED.labels("tun_write").inc(refused)
             if unsealable:
                 metrics.DROPPED.labels("unsealable").inc(unsealable)
+            for src, missing in gaps.items():
+                log.warning("receiver: %d sequence numbers from %s are missing from the log "
+                            "(up to %d): lost by the database (retention, a restore)",
+                            missing, names.get(src, src), last[src])
+                metrics.SEQUENCE_GAPS.labels(names.get(src, str(src))).inc(missing)
             if forged:
                 log.warning("receiver: dropped %d stored packets whose offload header no kernel "
                             "would have produced", forged)

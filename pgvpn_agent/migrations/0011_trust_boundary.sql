@@ -395,8 +395,12 @@ AS $$
     ORDER BY 2
 $$;
 
-CREATE OR REPLACE FUNCTION pgvpn.apply_retention(keep_days integer, max_bytes bigint DEFAULT NULL)
-RETURNS TABLE (partition text, day date, bytes bigint, reason text)
+-- Retention as in schema v4, bounded, and honest about what it drops: rows no receiver has
+-- read yet (seq past its cursor; a receiver long offline, a removed peer) are counted per
+-- partition, so that an operator hears of them (housekeeping logs and counts them).
+DROP FUNCTION pgvpn.apply_retention(integer, bigint);
+CREATE FUNCTION pgvpn.apply_retention(keep_days integer, max_bytes bigint DEFAULT NULL)
+RETURNS TABLE (partition text, day date, bytes bigint, reason text, undelivered bigint)
 LANGUAGE plpgsql
 SECURITY DEFINER
 SET search_path = pg_catalog, pgvpn, pg_temp
@@ -423,6 +427,9 @@ BEGIN
         ELSE
             EXIT;
         END IF;
+        EXECUTE format('SELECT count(*) FROM pgvpn.%I r JOIN pgvpn.cursor c '
+                       'ON c.src = r.src_peer AND c.dst = r.dst_peer WHERE r.seq > c.rx_seq',
+                       p.partition) INTO undelivered;
         EXECUTE format('DROP TABLE pgvpn.%I', p.partition);
         total := total - p.bytes;
         partition := p.partition;
