@@ -122,6 +122,9 @@ class Transport:
     rate_limit_packets: int = 0
     rate_limit_bytes: int = 0
     rate_limit_burst: float = 1.0
+    # Where the sender keeps the last sequence number it saw committed per link (highwater.py);
+    # None: in memory only.
+    state_file: Path | None = None
 
 
 @dataclass(frozen=True)
@@ -227,7 +230,7 @@ def parse(raw: dict[str, Any]) -> Config:
     _known(tr_raw, "transport.",
            {"batch_max", "queue_max", "max_age", "poll_interval", "fetch_max", "coalesce",
             "save_delay", "allow_payload_mode", "rate_limit_packets", "rate_limit_bytes",
-            "rate_limit_burst"})
+            "rate_limit_burst", "state_file"})
     transport = Transport(
         batch_max=_int(tr_raw, "transport.", "batch_max", 256, lo=1, hi=10_000),
         queue_max=_int(tr_raw, "transport.", "queue_max", 8192, lo=1, hi=10_000_000),
@@ -241,6 +244,8 @@ def parse(raw: dict[str, Any]) -> Config:
                                 hi=10_000_000),
         rate_limit_bytes=_int(tr_raw, "transport.", "rate_limit_bytes", 0, lo=0, hi=10**12),
         rate_limit_burst=_num(tr_raw, "transport.", "rate_limit_burst", 1.0, lo=0.01, hi=60),
+        state_file=(Path(tr_raw["state_file"]) if _str(tr_raw, "transport.", "state_file")
+                    else None),
     )
     if mode == "payload" and not transport.allow_payload_mode:
         raise ConfigError(

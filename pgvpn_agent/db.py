@@ -53,8 +53,10 @@ def connect_kwargs(database: Database, application_name: str,
         "connect_timeout": max(1, round(database.connect_timeout)),
         "application_name": application_name,
         "autocommit": True,
+        # A commit the sender saw must be durable whatever a role or database setting says
+        # (a function's own SET would be undone before its commit reads it).
         "options": "-c max_parallel_workers_per_gather=0 -c plan_cache_mode=force_generic_plan"
-        + ("" if synchronous_commit else " -c synchronous_commit=off"),
+        + (" -c synchronous_commit=on" if synchronous_commit else " -c synchronous_commit=off"),
         **database.tls(),
     }
 

@@ -368,6 +368,7 @@ class Lab:
                  f"mtu = {self.mtu}", f"offload = {json.dumps(self.offload)}", "",
                  "[transport]"]
         transport = dict(self.transport)
+        transport.setdefault("state_file", str(self.workdir / f"{peer.name}.state.json"))
         if self.mode == "payload":
             # the lab's database is this machine's, its roles the lab's own: nobody else listens
             transport.setdefault("allow_payload_mode", True)

@@ -177,6 +177,10 @@ RETENTION_FREED = Counter("pgvpn_retention_freed_bytes", "Bytes of packet log (t
 RETENTION_UNDELIVERED = Counter("pgvpn_retention_undelivered_rows", "Rows those drops removed "
                                 "before their receiver had read them (past its cursor: a peer "
                                 "offline or removed), by reason.", ["reason"])
+SEQUENCE_REGRESSIONS = Counter("pgvpn_sequence_regressions", "Reconnects at which the database's "
+                               "sequence of a link was behind what this sender had seen "
+                               "committed: the database lost commits (a restore, a failover, "
+                               "asynchronous commits), by remote peer.", ["peer"])
 SEQUENCE_GAPS = Counter("pgvpn_sequence_gap_packets", "Sequence numbers a receiver found missing "
                         "on a link (rows the log lost: retention, a restore), by remote peer.",
                         ["peer"])
@@ -218,6 +222,7 @@ def start(config: Config) -> None:
             BYTES.labels(direction, peer.name)
     for peer in config.others:
         SEQUENCE_GAPS.labels(peer.name)
+        SEQUENCE_REGRESSIONS.labels(peer.name)
     for reason in DROP_REASONS:
         DROPPED.labels(reason)
     RATE_LIMIT_PACKETS.set(config.transport.rate_limit_packets)

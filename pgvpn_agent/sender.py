@@ -19,6 +19,7 @@ import psycopg
 from pgvpn_agent import db, metrics, seal, tun, wire
 from pgvpn_agent.config import Config
 from pgvpn_agent.delivered import Delivered
+from pgvpn_agent.highwater import HighWater
 from pgvpn_agent.packet import MalformedPacket, parse
 from pgvpn_agent.ratelimit import RateLimit
 from pgvpn_agent.schema import check_version
@@ -68,6 +69,7 @@ class Sender:
         self.ids: dict[str, int] = {}
         self.names: dict[int, str] = {}
         self.tx_seq: dict[int, int] = {}
+        self.highwater = HighWater(config.transport.state_file)
         self.connected_once = False
         self.notify = config.mode == "logged"
         self._send = self._send_payloads if config.mode == "payload" else self._send_rows
@@ -99,7 +101,9 @@ class Sender:
                         self._drain()
                 if self.conn is not None and self.no_space.due():
                     self._flush()
+                self.highwater.flush()
         finally:
+            self.highwater.flush(force=True)
             if self.conn is not None:
                 self.conn.close()
             metrics.DB_UP.labels("tx").set(0)
@@ -318,8 +322,11 @@ class Sender:
         if carried:
             metrics.CURSOR_SAVES.labels("sender").inc()
         metrics.INSERT_SECONDS.observe(time.perf_counter() - started)
+        names = self.names
+        seen = self.highwater.seen
         for d in links:
             self.tx_seq[d] = next_seq[d]
+            seen(names[d], next_seq[d])
         metrics.ROWS.inc(len(r_dst))
         self._count(counts, len(r_dst))
 
@@ -393,6 +400,13 @@ class Sender:
         if self.pending and cfg.mode != "payload" and self._committed(committed):
             log.info("sender: the batch in flight at the disconnect was committed")
             self.pending = []
+        try:
+            self._catch_up(conn, committed)
+        except psycopg.Error as exc:
+            conn.close()
+            delay = self.backoff.failed()
+            log.warning("sender: database error (%s); retrying in %.1fs", db.describe(exc), delay)
+            return
         self.tx_seq = committed
         self.conn = conn
         if self.connected_once:
@@ -403,6 +417,20 @@ class Sender:
         self.connected_once = True
         self.backoff.succeeded()
         metrics.DB_UP.labels("tx").set(1)
+
+    def _catch_up(self, conn: db.Conn, committed: dict[int, int]) -> None:
+        """The database lost commits this sender saw (highwater.py): move its links past them."""
+        names = self.names
+        behind = self.highwater.behind({names[d]: s for d, s in committed.items()})
+        for peer, mark in behind.items():
+            dst = self.ids[peer]
+            log.error("sender: the database lost committed packets on the link to %s: its "
+                      "sequence is at %d, this sender saw %d committed (a restore, a failover "
+                      "to a standby that missed them, or asynchronous commits); continuing "
+                      "after %d, receivers will count the hole", peer, committed[dst], mark, mark)
+            metrics.SEQUENCE_REGRESSIONS.labels(peer).inc()
+            conn.execute("SELECT pgvpn.advance_link(%s::int2, %s)", (dst, mark))
+            committed[dst] = mark
 
     def _committed(self, committed: dict[int, int]) -> bool:
         """Did the batch whose commit we never heard back about actually commit?"""

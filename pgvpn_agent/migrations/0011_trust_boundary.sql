@@ -175,6 +175,21 @@ BEGIN
 END
 $$;
 
+-- The database lost commits the sender saw (highwater.py): its link continues after them, so
+-- that no sequence number a receiver may have passed is used again. Forward only, own links.
+CREATE FUNCTION pgvpn.advance_link(p_dst smallint, p_seq bigint)
+RETURNS boolean
+LANGUAGE plpgsql
+SECURITY DEFINER
+SET search_path = pg_catalog, pgvpn, pg_temp
+AS $$
+BEGIN
+    UPDATE pgvpn.link l SET tx_seq = p_seq, tx_at = statement_timestamp()
+    WHERE l.src = pgvpn.my_peer() AND l.dst = p_dst AND l.tx_seq < p_seq;
+    RETURN FOUND;
+END
+$$;
+
 -- One batch from one sender, in one transaction. Everything a caller passes is checked here,
 -- where a peer that bypasses its agent cannot skip it: the caller sends as itself, the arrays
 -- agree in length and stay within pgvpn.limits, every row belongs to one of the batch's links
@@ -503,7 +518,7 @@ REVOKE ALL ON ALL TABLES IN SCHEMA pgvpn FROM PUBLIC;
 REVOKE ALL ON ALL SEQUENCES IN SCHEMA pgvpn FROM PUBLIC;
 REVOKE ALL ON ALL FUNCTIONS IN SCHEMA pgvpn FROM pgvpn_agent, pgvpn_reader;
 GRANT EXECUTE ON FUNCTION pgvpn.my_peer(), pgvpn.my_channel(), pgvpn.lock_peer(smallint, text),
-    pgvpn.segments(bytea, integer) TO pgvpn_agent;
+    pgvpn.advance_link(smallint, bigint), pgvpn.segments(bytea, integer) TO pgvpn_agent;
 GRANT SELECT ON pgvpn.agent_session TO pgvpn_reader;
 GRANT EXECUTE ON FUNCTION pgvpn.send_batch(smallint, boolean, smallint[], bigint[], bigint[],
     smallint[], bigint[], timestamptz[], smallint[], inet[], inet[], smallint[], integer[],
