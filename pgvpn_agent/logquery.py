@@ -94,6 +94,10 @@ def query(f: Filter, payload: bool = False) -> tuple[sql.Composed, dict[str, Any
         columns = columns + sql.SQL(", p.payload")
     q = sql.SQL("SELECT {} FROM pgvpn.packet p JOIN pgvpn.peer s ON s.id = p.src_peer "
                 "JOIN pgvpn.peer d ON d.id = p.dst_peer").format(columns)
+    if f.addr is not None or f.port is not None:
+        # closed days' address and port indexes lead with the receiving peer (schema v11):
+        # naming every peer lets a filter over all of them use them
+        where.append(sql.SQL("p.dst_peer = ANY (ARRAY(SELECT id FROM pgvpn.peer))"))
     if where:
         q = q + sql.SQL(" WHERE ") + sql.SQL(" AND ").join(where)
     q = q + sql.SQL(" ORDER BY p.logged_at, p.src_peer, p.seq")

@@ -48,7 +48,8 @@ _STATISTICS = """
 SELECT 'FUNCTION', 'EXECUTE', p.oid::regprocedure::text FROM pg_catalog.pg_proc p
 WHERE p.pronamespace = 'pg_catalog'::regnamespace
   AND (p.proname LIKE 'pg\\_stat\\_get\\_%'
-       OR p.proname IN ('pg_lock_status', 'pg_blocking_pids', 'pg_safe_snapshot_blocking_pids'))
+       OR p.proname IN ('pg_lock_status', 'pg_blocking_pids', 'pg_safe_snapshot_blocking_pids',
+                        'pg_isolation_test_session_is_blocked'))
 UNION ALL
 SELECT 'TABLE', 'SELECT', c.oid::regclass::text FROM pg_catalog.pg_class c
 WHERE c.relnamespace = 'pg_catalog'::regnamespace AND c.relkind = 'v'
@@ -206,13 +207,15 @@ def _harden(conn: psycopg.Connection[Any], owner: str) -> None:
             sql.SQL(privilege), sql.SQL(thing), ident))
     conn.execute(sql.SQL("ALTER DEFAULT PRIVILEGES FOR ROLE {} REVOKE EXECUTE ON FUNCTIONS "
                          "FROM PUBLIC").format(ident))
-    # statistics an earlier version let ANALYZE gather on the log (0011: none but its time)
+    # statistics an earlier version let ANALYZE gather on the log and the links (0011: none
+    # but the log's time)
     conn.execute("""DELETE FROM pg_catalog.pg_statistic s USING pg_catalog.pg_attribute a
                     WHERE a.attrelid = s.starelid AND a.attnum = s.staattnum
                       AND a.attname <> 'logged_at'
-                      AND (s.starelid = to_regclass('pgvpn.packet') OR s.starelid IN (
-                           SELECT inhrelid FROM pg_catalog.pg_inherits
-                           WHERE inhparent = to_regclass('pgvpn.packet')))""")
+                      AND (s.starelid IN (to_regclass('pgvpn.packet'),
+                                          to_regclass('pgvpn.link'), to_regclass('pgvpn.cursor'))
+                           OR s.starelid IN (SELECT inhrelid FROM pg_catalog.pg_inherits
+                                             WHERE inhparent = to_regclass('pgvpn.packet')))""")
 
 
 def check_version(conn: psycopg.Connection[Any]) -> None:

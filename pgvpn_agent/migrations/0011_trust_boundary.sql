@@ -62,8 +62,12 @@ BEGIN
 END
 $$;
 COMMENT ON FUNCTION pgvpn.hide_statistics(regclass) IS
-    'No planner statistics on a log table''s columns but logged_at (they would leak volumes).';
+    'No planner statistics on a table''s columns but logged_at (they would leak volumes).';
 SELECT pgvpn.hide_statistics('pgvpn.packet'::regclass);
+-- the links' counters (every batch's tx_seq, every cursor) likewise: a peer would read other
+-- links' counts from estimates over pgvpn.link and pgvpn.cursor
+SELECT pgvpn.hide_statistics('pgvpn.link'::regclass);
+SELECT pgvpn.hide_statistics('pgvpn.cursor'::regclass);
 SELECT pgvpn.hide_statistics(i.inhrelid::regclass) FROM pg_catalog.pg_inherits i
 WHERE i.inhparent = 'pgvpn.packet'::regclass;
 
@@ -77,7 +81,8 @@ CREATE TABLE pgvpn.limits (
 INSERT INTO pgvpn.limits DEFAULT VALUES;
 COMMENT ON TABLE pgvpn.limits IS 'Bounds checked by send_batch() on every call (one row).';
 COMMENT ON COLUMN pgvpn.limits.peer_bytes_per_day IS
-    'Daily log quota per sending peer in charged bytes (payload + 100 per row); NULL: none.';
+    'Daily log quota per sending peer in charged bytes (payload and offload header + 100 per '
+    'row); NULL: none.';
 
 CREATE TABLE pgvpn.usage (
     peer smallint PRIMARY KEY REFERENCES pgvpn.peer (id),
@@ -216,6 +221,7 @@ DECLARE
     max_rows integer;
     max_bytes bigint;
     size bigint;
+    header integer;
     bad boolean;
     advanced integer;
     used bigint;
@@ -247,7 +253,9 @@ BEGIN
     -- together they are every row; with the primary key (no duplicate seq in one statement)
     -- that makes each link's rows exactly first..last.
     SELECT m.batch_rows, m.batch_bytes, coalesce(p.bytes_per_day, m.peer_bytes_per_day),
-           (SELECT coalesce(sum(octet_length(x)), 0) FROM unnest(r_payload) AS x),
+           (SELECT coalesce(sum(octet_length(x)), 0) FROM unnest(r_payload) AS x)
+           + (SELECT coalesce(sum(octet_length(o)), 0) FROM unnest(r_offload) AS o),
+           (SELECT coalesce(max(octet_length(o)), 0) FROM unnest(r_offload) AS o),
            (SELECT coalesce(sum(s.rows), 0) <> n
                    OR coalesce(bool_or(s.dst IS NULL OR s.first IS NULL OR s.last < s.first
                                        OR s.rows <> s.last - s.first + 1), false)
@@ -256,7 +264,7 @@ BEGIN
                   LEFT JOIN unnest(r_dst, r_seq) AS r (dst, seq)
                          ON r.dst = l.dst AND r.seq BETWEEN l.first AND l.last
                   GROUP BY l.dst, l.first, l.last) AS s)
-    INTO max_rows, max_bytes, quota, size, bad
+    INTO max_rows, max_bytes, quota, size, header, bad
     FROM pgvpn.limits m, pgvpn.peer p
     WHERE p.id = p_src;
     IF n > max_rows OR size > max_bytes THEN
@@ -266,6 +274,10 @@ BEGIN
     IF bad THEN
         RAISE EXCEPTION 'pgvpn: rows of a batch must be each link''s sequence numbers first..last'
             USING ERRCODE = 'PV003';
+    END IF;
+    IF header > 12 THEN
+        RAISE EXCEPTION 'pgvpn: an offload header is a virtio_net_hdr of at most 12 bytes, not %',
+            header USING ERRCODE = 'PV003';
     END IF;
     UPDATE pgvpn.usage u
     SET day = today,
@@ -455,6 +467,22 @@ BEGIN
 END
 $$;
 
+-- Closed days' address and port indexes lead with the receiving peer: a peer's read of the log
+-- (row-level security: dst_peer is the caller) then never visits another peer's rows, which
+-- EXPLAIN ANALYZE would count ("Rows Removed by Filter": who sent how much to an address or a
+-- port). Operators' filters name every peer (logquery.py). Schema v6's one-column indexes go.
+DO $$
+DECLARE
+    i record;
+BEGIN
+    FOR i IN SELECT c.relname FROM pg_catalog.pg_class c
+             WHERE c.relnamespace = 'pgvpn'::regnamespace AND c.relkind = 'i'
+               AND c.relname ~ '^packet_[0-9]{8}_(src_addr|dst_addr|src_port|dst_port)$' LOOP
+        EXECUTE format('DROP INDEX pgvpn.%I', i.relname);
+    END LOOP;
+END
+$$;
+
 CREATE OR REPLACE FUNCTION pgvpn.index_closed_days()
 RETURNS integer
 LANGUAGE plpgsql
@@ -475,7 +503,7 @@ BEGIN
     FOR p IN SELECT t.partition FROM pgvpn.partitions() t WHERE t.day < today ORDER BY t.day LOOP
         FOREACH col IN ARRAY ARRAY['src_addr', 'dst_addr', 'src_port', 'dst_port'] LOOP
             IF to_regclass(format('pgvpn.%I', p.partition || '_' || col)) IS NULL THEN
-                EXECUTE format('CREATE INDEX %I ON pgvpn.%I (%I)',
+                EXECUTE format('CREATE INDEX %I ON pgvpn.%I (dst_peer, %I)',
                                p.partition || '_' || col, p.partition, col);
                 made := made + 1;
             END IF;

@@ -23,5 +23,7 @@ def test_every_filter_and_the_limit() -> None:
     text = q.as_string(None)
     assert set(params) == {"peer", "src_peer", "dst_peer", "addr", "port", "protocol", "since",
                            "until", "limit"}
-    assert text.count(" AND ") == 7 and text.endswith("LIMIT %(limit)s")
+    # one condition per field, and every peer named for the receiver-first closed-day indexes
+    assert text.count(" AND ") == 8 and text.endswith("LIMIT %(limit)s")
+    assert "p.dst_peer = ANY (ARRAY(SELECT id FROM pgvpn.peer))" in text
     assert ", p.payload FROM" in text
