@@ -84,6 +84,8 @@ def terminate(proc: subprocess.Popen[bytes]) -> None:
 @pytest.fixture
 def database_exporter(make_lab: Any) -> Iterator[tuple[Lab, str]]:
     lab: Lab = make_lab(peers=2)
+    # every housekeeping job, as the database host runs them (free_space measures the disk)
+    lab.start_housekeeping(on_disk_full="drop_oldest", min_free="1MB")
     port = free_port()
     proc = subprocess.Popen([sys.executable, "-m", "pgvpn_agent", "db", "metrics", "--dsn",
                              lab.dsn(), "--address", "127.0.0.1", "--port", str(port)],
@@ -108,6 +110,9 @@ def prometheus(database_exporter: tuple[Lab, str], tmp_path: Path) -> Iterator[P
             {"job_name": "pgvpn_agent", "static_configs": agents},
             {"job_name": "pgvpn_database",
              "static_configs": [{"targets": [exporter], "labels": {"instance": "db"}}]},
+            {"job_name": "pgvpn_housekeeping",
+             "static_configs": [{"targets": [f"127.0.0.1:{lab.housekeeping_port}"],
+                                 "labels": {"instance": "db"}}]},
         ],
     }
     (tmp_path / "prometheus.yml").write_text(yaml.safe_dump(config))
@@ -135,7 +140,7 @@ def _assert_ready(prom: Prometheus) -> None:
 def test_every_dashboard_and_alert_query_returns_series(database_exporter, prometheus):
     lab, _ = database_exporter
     a, b = lab.peers
-    eventually(lambda: _assert_targets_up(prometheus, 3), timeout=20)
+    eventually(lambda: _assert_targets_up(prometheus, 4), timeout=20)
     # Traffic both ways, and packets to an address no peer owns (dropped: no_route).
     lab.iperf(a, b, seconds=2)
     assert lab.ping(b, a, count=5)
