@@ -57,13 +57,18 @@ def _aad(src: str, dst: str, seq: int) -> bytes:
 
 @dataclass(frozen=True)
 class LinkKeys:
-    """The keys this peer shares with one other peer, by id; the highest id seals."""
+    """The keys this peer shares with one other peer, by id; `seal_id` (else the highest) seals.
+
+    Rotation is two-phase: every peer first gets the new id (all ids open), and only then do
+    senders seal with it (`seal = N` in the keys file) — a receiver never meets an id it lacks.
+    """
 
     keys: Mapping[int, AESGCMSIV]
+    seal_id: int | None = None
 
     @property
     def current(self) -> int:
-        return max(self.keys)
+        return max(self.keys) if self.seal_id is None else self.seal_id
 
 
 class Sealer:
@@ -104,8 +109,10 @@ def for_config(config: Config) -> Sealer | None:
 
 
 def load(path: str | os.PathLike[str], me: str, peers: list[str]) -> Sealer:
-    """Read a keys file: one table per other peer, key id = key.
+    """Read a keys file: the id senders seal with (optional: else the highest), and one table
+    per other peer, key id = key.
 
+        seal = 1
         [keys.peer2]
         1 = "base64 of 32 random bytes, or 64 hex digits"
     """
@@ -116,6 +123,13 @@ def load(path: str | os.PathLike[str], me: str, peers: list[str]) -> Sealer:
         raise KeysFileError(f"{where}: cannot read: {exc.strerror}") from exc
     except tomllib.TOMLDecodeError as exc:
         raise KeysFileError(f"{where}: not valid TOML: {exc}") from exc
+    extra = sorted(set(raw) - {"keys", "seal"})
+    if extra:
+        raise KeysFileError(f"{where}: unknown key {extra[0]!r} (known: keys, seal)")
+    seal_id = raw.get("seal")
+    if seal_id is not None and (isinstance(seal_id, bool) or not isinstance(seal_id, int)
+                                or not 0 <= seal_id <= 255):
+        raise KeysFileError(f"{where}: seal: the key id senders seal with, an integer 0-255")
     tables = raw.get("keys")
     if not isinstance(tables, dict):
         raise KeysFileError(f"{where}: no [keys.<peer>] tables")
@@ -125,10 +139,11 @@ def load(path: str | os.PathLike[str], me: str, peers: list[str]) -> Sealer:
     missing = sorted(set(peers) - set(tables) - {me})
     if missing:
         raise KeysFileError(f"{where}: no key shared with {missing}; every pair of peers needs one")
-    return Sealer(me, {peer: _link(where, peer, table) for peer, table in tables.items()})
+    links = {peer: _link(where, peer, table, seal_id) for peer, table in tables.items()}
+    return Sealer(me, links)
 
 
-def _link(where: str, peer: str, table: object) -> LinkKeys:
+def _link(where: str, peer: str, table: object, seal_id: int | None) -> LinkKeys:
     if not isinstance(table, dict) or not table:
         raise KeysFileError(f"{where}: [keys.{peer}] must map key ids to base64 keys")
     keys: dict[int, AESGCMSIV] = {}
@@ -141,7 +156,9 @@ def _link(where: str, peer: str, table: object) -> LinkKeys:
                 f"{where}: keys.{peer}.{key_id}: expected {KEY_BYTES} bytes in base64 or "
                 f"{2 * KEY_BYTES} hex digits (generate one with `pgvpn keygen`)")
         keys[int(key_id)] = AESGCMSIV(key)
-    return LinkKeys(keys)
+    if seal_id is not None and seal_id not in keys:
+        raise KeysFileError(f"{where}: seal = {seal_id}, but [keys.{peer}] has no key {seal_id}")
+    return LinkKeys(keys, seal_id)
 
 
 def _decode(value: object) -> bytes:

@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[2]
-HOSTS = ("db", "peer1", "peer2")
+HOSTS = ("db", "peer1", "peer2", "peer3")
 
 
 def _ansible(tool: str) -> str:
@@ -31,11 +31,12 @@ def _ansible(tool: str) -> str:
     return found
 
 
-def _inventory(peers: dict[str, dict[str, object]]) -> dict[str, object]:
+def _inventory(peers: dict[str, dict[str, object]],
+               all_vars: dict[str, object] | None = None) -> dict[str, object]:
     local = {"ansible_connection": "local", "ansible_python_interpreter": sys.executable}
     return {
         "all": {
-            "vars": local,
+            "vars": {**local, **(all_vars or {})},
             "children": {
                 "pgvpn_db": {"hosts": {"db": {}}},
                 "pgvpn_peers": {"hosts": peers},
@@ -76,6 +77,23 @@ CASES = {
         None,
         "peer names gw-1, gw_1 all map to database role 'pgvpn_gw_1'",
     ),
+    "reserved_peer_name": (
+        {"peer1": GOOD_PEERS["peer1"],
+         "peer2": {**GOOD_PEERS["peer2"], "pgvpn_peer_name": "Operator"}},
+        None,
+        "host peer2: peer name 'Operator' is reserved: its database role 'pgvpn_operator' is one "
+        "of pgvpn's own roles",
+    ),
+    "revoked_peer_name_invalid": (
+        GOOD_PEERS,
+        None,
+        "pgvpn_revoked_peers entry 'not a name' is not a peer name",
+    ),
+    "revoking_leaves_one_peer": (
+        GOOD_PEERS,
+        None,
+        "group pgvpn_peers needs at least two hosts that are not revoked, it has 1",
+    ),
     "unsupported_os": (
         GOOD_PEERS,
         {"ansible_distribution": "CentOS", "ansible_distribution_version": "7.9",
@@ -88,6 +106,13 @@ CASES = {
          "ansible_distribution_major_version": "20", "ansible_os_family": "Debian"},
         "db runs Ubuntu 20.04 (init: systemd); pgvpn supports Debian 12+ and Ubuntu 22.04+",
     ),
+}
+
+
+# Variables of group all, per case.
+ALL_VARS: dict[str, dict[str, object]] = {
+    "revoked_peer_name_invalid": {"pgvpn_revoked_peers": ["not a name"]},
+    "revoking_leaves_one_peer": {"pgvpn_revoked_peers": ["peer2"]},
 }
 
 
@@ -126,9 +151,10 @@ def _write_cache(template: Path, cache: Path, overrides: dict[str, str]) -> None
 
 
 def _preflight(tmp_path: Path, peers: dict[str, dict[str, object]], template: Path,
-               overrides: dict[str, str] | None) -> subprocess.CompletedProcess[str]:
+               overrides: dict[str, str] | None,
+               all_vars: dict[str, object] | None = None) -> subprocess.CompletedProcess[str]:
     inventory = tmp_path / "hosts.yml"
-    inventory.write_text(json.dumps(_inventory(peers)))
+    inventory.write_text(json.dumps(_inventory(peers, all_vars)))
     cache = tmp_path / "facts"
     _write_cache(template, cache, overrides or {})
     env = {**os.environ,
@@ -154,7 +180,7 @@ def _flat(text: str) -> str:
 def test_bad_inventory_fails_with_a_clear_message(case: str, tmp_path: Path,
                                                   gathered_facts: Path) -> None:
     peers, overrides, message = CASES[case]
-    result = _preflight(tmp_path, peers, gathered_facts, overrides)
+    result = _preflight(tmp_path, peers, gathered_facts, overrides, ALL_VARS.get(case))
     output = _flat(result.stdout + result.stderr)
     assert result.returncode != 0, output
     assert _flat(message) in output, output
@@ -163,3 +189,13 @@ def test_bad_inventory_fails_with_a_clear_message(case: str, tmp_path: Path,
 def test_good_inventory_passes_preflight(tmp_path: Path, gathered_facts: Path) -> None:
     result = _preflight(tmp_path, GOOD_PEERS, gathered_facts, None)
     assert result.returncode == 0, _flat(result.stdout + result.stderr)
+
+
+def test_revoked_peer_is_left_alone(tmp_path: Path, gathered_facts: Path) -> None:
+    """A revoked peer's host is sorted out before the agents' play: nothing runs on it."""
+    peers = {**GOOD_PEERS, "peer3": {"pgvpn_peer_addresses": ["10.77.0.3/24"]}}
+    result = _preflight(tmp_path, peers, gathered_facts, None,
+                        {"pgvpn_revoked_peers": ["peer3"]})
+    output = _flat(result.stdout + result.stderr)
+    assert result.returncode == 0, output
+    assert "peer3 : ok=0 changed=0 unreachable=0 failed=0 skipped=1" in output, output

@@ -94,8 +94,25 @@ def test_rotation_seals_with_the_newest_key_and_opens_with_any(tmp_path: Path) -
     assert b.open("a", 2, a_new.seal("b", 2, b"y")) == b"y"
 
 
+def test_two_phase_rotation_seals_with_the_named_id(tmp_path: Path) -> None:
+    """Phase one: every peer holds id 2, senders still seal with 1 (`seal = 1`), so a receiver
+    that has not been updated yet opens everything; phase two switches the seal."""
+    old, new = seal.new_key(), seal.new_key()
+    path = tmp_path / "a.keys"
+    path.write_text(f'seal = 1\n[keys.b]\n1 = "{old}"\n2 = "{new}"\n')
+    a_phase1 = seal.load(path, "a", ["a", "b"])
+    b_before = seal.load(keys_file(tmp_path, "b", {"a": {1: old}}), "b", ["a", "b"])
+    assert b_before.open("a", 1, a_phase1.seal("b", 1, b"x")) == b"x"
+    path.write_text(f'seal = 2\n[keys.b]\n1 = "{old}"\n2 = "{new}"\n')
+    assert seal.load(path, "a", ["a", "b"]).seal("b", 2, b"y")[0] == 2
+
+
 @pytest.mark.parametrize(("content", "message"), [
     ("", r"no \[keys.<peer>\] tables"),
+    ("seal = 2\n[keys.peer2]\n1 = \"{k}\"\n[keys.peer3]\n1 = \"{k}\"\n",
+     r"seal = 2, but \[keys.peer2\] has no key 2"),
+    ("seal = true\n[keys.peer2]\n1 = \"{k}\"\n", r"seal: the key id senders seal with"),
+    ("sael = 1\n[keys.peer2]\n1 = \"{k}\"\n", r"unknown key 'sael'"),
     ("[keys.peer2]\n1 = \"{k}\"\n", r"no key shared with \['peer3'\]"),
     ("[keys.peer2]\n1 = \"{k}\"\n[keys.peer3]\n1 = \"{k}\"\n[keys.peer9]\n1 = \"{k}\"\n",
      r"unknown peers \['peer9'\]"),
