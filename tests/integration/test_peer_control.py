@@ -200,3 +200,17 @@ def test_watchdog_frees_a_pinned_notify_queue(make_lab):
     m = lab.housekeeping_metrics()
     assert m['pgvpn_watchdog_terminated_sessions_total{reason="notify_queue"}'] >= 1, m
     assert lab.ping(p1, p2) and lab.ping(p2, p1)
+
+
+def test_a_peer_cannot_spill_past_its_temp_file_limit(make_lab):
+    """Sorts and hashes spill to temporary files that no quota counts; temp_file_limit, which
+    only a superuser may change, bounds them for a peer's login (its own SET is refused)."""
+    lab = make_lab(peers=2, agents=False)
+    with psycopg.connect(lab.dsn("pgvpn_peer1"), autocommit=True) as conn:
+        with pytest.raises(psycopg.errors.InsufficientPrivilege):
+            conn.execute("SET temp_file_limit = -1")
+        conn.execute("SET work_mem = '64kB'")
+        with pytest.raises(psycopg.errors.ConfigurationLimitExceeded,
+                           match="temporary file size exceeds temp_file_limit"):
+            conn.execute("SELECT count(*) FROM (SELECT g, md5(g::text) FROM "
+                         "generate_series(1, 3000000) g ORDER BY 2) s")
