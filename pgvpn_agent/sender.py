@@ -388,7 +388,8 @@ class Sender:
                 if cfg.mode == "trigger":
                     conn.execute("SET pgvpn.notify = 'trigger'")
                 rows = conn.execute("SELECT dst, tx_seq FROM pgvpn.link WHERE src = %s", (me,))
-                committed = {int(d): int(s) for d, s in rows}
+                # links to peers this config does not list are not this agent's to write
+                committed = {int(d): int(s) for d, s in rows if int(d) in self.names}
             except BaseException:
                 conn.close()
                 raise
@@ -451,7 +452,7 @@ class Sender:
             if exc.sqlstate == "PV001":
                 rows = self.conn.execute("SELECT dst, tx_seq FROM pgvpn.link WHERE src = %s",
                                          (self.ids[self.config.peer],))
-                self.tx_seq = {int(d): int(s) for d, s in rows}
+                self.tx_seq = {int(d): int(s) for d, s in rows if int(d) in self.names}
             return False
         delay = self.backoff.failed()
         log.warning("sender: database error (%s); %d packets queued, reconnecting in %.1fs",

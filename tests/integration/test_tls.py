@@ -123,8 +123,8 @@ def database(env: dict[str, Any], user: str = "pgvpn_peer1", host: str = "host=1
 
 
 def encrypted(conn: db.Conn) -> bool:
-    row = conn.execute("SELECT ssl FROM pg_stat_ssl WHERE pid = pg_backend_pid()").fetchone()
-    return bool(row and row[0])
+    """libpq's view of the session (pg_stat_ssl is not a peer's to read: schema v11)."""
+    return bool(conn.pgconn.ssl_in_use)
 
 
 def test_verify_full_with_the_right_ca(tls_lab):
