@@ -126,8 +126,9 @@ def _parser() -> argparse.ArgumentParser:
                    "(see `pgvpn bench -h`)")
 
     filters = argparse.ArgumentParser(add_help=False)
-    src = filters.add_mutually_exclusive_group(required=True)
-    src.add_argument("--dsn", help="libpq conninfo (an operator role: pgvpn_reader)")
+    src = filters.add_mutually_exclusive_group()
+    src.add_argument("--dsn", help="libpq conninfo (an operator role: pgvpn_reader); without "
+                     "--dsn or --config, libpq's PG* environment and defaults, as for psql")
     src.add_argument("--config", type=Path, help="an agent's config: that peer's traffic only")
     filters.add_argument("--peer", help="either end is this peer")
     filters.add_argument("--src-peer")
@@ -308,7 +309,7 @@ def _log_conn(args: argparse.Namespace) -> Any:
     from pgvpn_agent import db
 
     database = (configuration.load(args.config).database if args.config
-                else configuration.Database(dsn=args.dsn))
+                else configuration.Database(dsn=args.dsn or ""))
     return db.connect(database, "pgvpn-log")
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 
@@ -44,6 +45,15 @@ def test_log_finds_a_known_udp_packet_by_port(lab):
     bad = subprocess.run([*PGVPN, "log", "--dsn", lab.dsn(), "--since", "yesterday"],
                          capture_output=True, text=True)
     assert bad.returncode == 2 and "--since" in bad.stderr
+
+
+def test_log_takes_the_database_from_libpq_environment(lab):
+    """Like psql: no --dsn, the PG* variables name the database."""
+    env = {**os.environ, "PGHOST": str(lab.sockdir), "PGPORT": str(lab.port),
+           "PGDATABASE": "pgvpn", "PGUSER": "postgres"}
+    out = subprocess.run([*PGVPN, "log", "--port", "7300", "--json"], check=True, env=env,
+                         capture_output=True, text=True).stdout
+    assert len(out.splitlines()) == 10
 
 
 def test_pcap_export_is_read_by_tshark(lab):
