@@ -8,8 +8,6 @@ one poll interval of latency, never a packet.
 
 from __future__ import annotations
 
-import base64
-import binascii
 import logging
 import threading
 import time
@@ -20,6 +18,7 @@ from psycopg import sql
 from pgvpn_agent import db, metrics, seal, tun
 from pgvpn_agent.config import Config
 from pgvpn_agent.delivered import Delivered
+from pgvpn_agent.payload import deliver as deliver_payloads
 from pgvpn_agent.schema import check_version
 
 log = logging.getLogger(__name__)
@@ -92,7 +91,8 @@ class Receiver:
                         continue
                 try:
                     if self.config.mode == "payload":
-                        self._deliver_payloads(wait)
+                        deliver_payloads(self.conn, self.tun, wait,
+                                         self.config.transport.max_age, self.stop)
                         continue
                     due = self._save_due()
                     if due is not None and due <= 0 and self.delivered.in_flight():
@@ -274,41 +274,6 @@ class Receiver:
             if len(rows) < limit:
                 return
             self._sample_lag()  # still behind: the backlog between two pages is the lag
-
-    def _deliver_payloads(self, timeout: float) -> None:
-        """Payload mode: the notification is the packet."""
-        assert self.conn is not None
-        max_age = self.config.transport.max_age
-        n = size = stale = bad = 0
-        delivered: list[float] = []  # ages at the write: notifications arrive one by one
-        for note in self.conn.notifies(timeout=timeout):
-            stamp, _, data = note.payload.partition(" ")
-            try:
-                sent_at = float(stamp)
-                packet = base64.b64decode(data, validate=True)
-            except (ValueError, binascii.Error):
-                bad += 1
-                continue
-            age = time.time() - sent_at
-            if age > max_age:
-                stale += 1
-            elif self.tun.write(packet):
-                n += 1
-                size += len(packet)
-                delivered.append(age)
-            if self.stop.is_set():
-                break
-            if n and n % 64 == 0:
-                break
-        if bad:
-            metrics.DROPPED.labels("malformed").inc(bad)
-        if stale:
-            metrics.DROPPED.labels("too_old").inc(stale)
-        if n:
-            metrics.PACKETS.labels("rx", "any").inc(n)
-            metrics.BYTES.labels("rx", "any").inc(size)
-            metrics.LAST_PACKET.labels("rx", "any").set(time.time())
-            metrics.DELIVERY_SECONDS.observe_batch(delivered)
 
     def _sample_lag(self) -> None:
         """Every incoming link's backlog after a fetch: one small query every LAG_EVERY s."""

@@ -7,7 +7,6 @@ per-link sequence numbers it assigns are committed in order, which is what lets 
 
 from __future__ import annotations
 
-import base64
 import logging
 import select
 import threading
@@ -16,7 +15,7 @@ from collections import deque
 
 import psycopg
 
-from pgvpn_agent import db, metrics, seal, tun, wire
+from pgvpn_agent import db, metrics, payload, seal, tun, wire
 from pgvpn_agent.config import Config
 from pgvpn_agent.delivered import Delivered
 from pgvpn_agent.highwater import HighWater
@@ -33,10 +32,8 @@ QUEUE_FULL = "54000"
 UNNOTIFIED_FOR = 10.0
 
 SEND_BATCH = "SELECT pgvpn.send_batch(%b::int2, " + ", ".join(["%b"] * 19) + ")"
-NOTIFY_PAYLOADS = "SELECT pg_notify(c, m) FROM unnest(%b::text[], %b::text[]) AS t (c, m)"
 
-# One queued packet: capture time (sender clock) and the bytes read, offload header first.
-Captured = tuple[float, bytes]
+Captured = payload.Captured
 # With TUN offload a packet can be a 64 KB burst: batches and the queue are bounded in bytes too,
 # which is what keeps the agent's memory flat (a batch costs about three copies of itself).
 BATCH_BYTES = 1 << 20
@@ -331,37 +328,13 @@ class Sender:
         self._count(counts, len(r_dst))
 
     def _send_payloads(self, batch: list[Captured]) -> None:
-        """The seed's "cheat": packets ride in NOTIFY payloads and nothing is logged."""
+        """Payload mode (payload.py): nothing is logged."""
         assert self.conn is not None
-        channels: list[str] = []
-        messages: list[str] = []
-        counts: dict[int, list[int]] = {}
-        malformed = no_route = 0
-        for sent_at, raw in batch:
-            packet = raw[tun.VNET_SIZE:]  # zeros: payload mode runs without TUN offload
-            try:
-                h = parse(packet)
-            except MalformedPacket:
-                malformed += 1
-                continue
-            peer = self.routes.lookup(h.dst_raw)
-            if peer is None or peer not in self.ids:
-                no_route += 1
-                continue
-            channels.append("pgvpn_" + peer)
-            messages.append(f"{sent_at:.6f} {base64.b64encode(packet).decode()}")
-            c = counts.setdefault(self.ids[peer], [0, 0])
-            c[0] += 1
-            c[1] += h.length
-        if malformed:
-            metrics.DROPPED.labels("malformed").inc(malformed)
-        if no_route:
-            metrics.DROPPED.labels("no_route").inc(no_route)
+        channels, messages, counts = payload.encode(batch, self.routes, self.ids)
         if not channels:
             return
         started = time.perf_counter()
-        with self.conn.transaction():
-            self.conn.execute(NOTIFY_PAYLOADS, (channels, messages), prepare=True)
+        payload.send(self.conn, channels, messages)
         metrics.INSERT_SECONDS.observe(time.perf_counter() - started)
         self._count(counts, len(channels))
 
