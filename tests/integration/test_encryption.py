@@ -39,8 +39,9 @@ def test_sealed_log_still_carries_ping_and_iperf3(make_lab):
     # The receiving peer's config opens its packets for a pcap export that tshark reads.
     export = subprocess.run([*PGVPN, "pcap", "--config", b.config, "--port", str(PORT), "-o", "-"],
                             check=True, capture_output=True)
+    # udp.payload, not data.data: a random source port can make tshark pick another dissector
     fields = subprocess.run(["tshark", "-r", "-", "-T", "fields", "-e", "udp.dstport",
-                             "-e", "data.data"], input=export.stdout, check=True,
+                             "-e", "udp.payload"], input=export.stdout, check=True,
                             capture_output=True).stdout.decode().splitlines()
     assert len(fields) == 10
     port, data = fields[0].split("\t")

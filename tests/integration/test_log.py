@@ -60,7 +60,7 @@ def test_pcap_export_is_read_by_tshark(lab):
     export = subprocess.run([*PGVPN, "pcap", "--dsn", lab.dsn(), "--port", "7300", "-o", "-"],
                             check=True, capture_output=True)
     fields = subprocess.run(
-        ["tshark", "-r", "-", "-T", "fields", "-e", "udp.dstport", "-e", "data.data",
+        ["tshark", "-r", "-", "-T", "fields", "-e", "udp.dstport", "-e", "udp.payload",
          "-e", "frame.time_epoch"], input=export.stdout, check=True,
         capture_output=True).stdout.decode().splitlines()
     assert len(fields) == 10
