@@ -35,7 +35,7 @@ class HighWater:
                 self.marks = {str(k): int(v) for k, v in raw.items()}
             except FileNotFoundError:
                 pass
-            except (OSError, ValueError, AttributeError) as exc:
+            except (OSError, ValueError, AttributeError, TypeError) as exc:
                 log.warning("sender: cannot read %s (%s); starting without the sequence marks it "
                             "kept", path, exc)
 
@@ -57,14 +57,20 @@ class HighWater:
         if not force and now - self.written_at < WRITE_EVERY:
             return
         tmp = self.path.with_suffix(self.path.suffix + ".tmp")
+        self.written_at = now
         try:
             with open(tmp, "w") as f:
                 json.dump(self.marks, f)
                 f.flush()
                 os.fsync(f.fileno())
             tmp.replace(self.path)
+            directory = os.open(self.path.parent, os.O_RDONLY)
+            try:
+                os.fsync(directory)  # the rename itself survives a crash
+            finally:
+                os.close(directory)
         except OSError as exc:
             log.warning("sender: cannot write %s (%s); a restart would forget the sequence "
-                        "marks", self.path, exc)
+                        "marks (tried again in %.0fs)", self.path, exc, WRITE_EVERY)
+            return
         self.dirty = False
-        self.written_at = now

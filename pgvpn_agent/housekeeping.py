@@ -96,8 +96,9 @@ class FreeSpace:
         total = conn.execute("SELECT coalesce(sum(bytes), 0) FROM pgvpn.partitions()").fetchone()
         assert total is not None
         # a budget one byte under the log's size: apply_retention drops exactly the oldest day
-        if not _report(apply_retention(conn, None, int(total[0]) - 1), "disk_full") \
-                and not self.warned:
+        dropped = (_report(apply_retention(conn, None, int(total[0]) - 1), "disk_full")
+                   if total[0] > 0 else 0)
+        if not dropped and not self.warned:
             self.warned = True
             log.warning("retention: %.1f MB left under the log (%s), below --min-free, and no "
                         "closed day of the log is left to drop; the senders drop what cannot "
@@ -131,10 +132,13 @@ QUEUE_PRESSURE = 0.05
 
 
 def _end_sessions(conn: db.Conn, query: str, age: float, reason: str) -> int:
+    """End the sessions `query` finds, in the same statement (a pid is not reused under it),
+    waiting up to 5 s each for them to be gone (and their locks with them)."""
     ended = 0
-    for pid, role, state, seconds in conn.execute(query, (age,)).fetchall():
-        row = conn.execute("SELECT pg_terminate_backend(%s)", (pid,)).fetchone()
-        if row and row[0]:
+    rows = conn.execute(f"SELECT s.*, pg_terminate_backend(s.pid, 5000) FROM ({query}) s",
+                        (age,)).fetchall()
+    for pid, role, state, seconds, terminated in rows:
+        if terminated:
             ended += 1
             metrics.WATCHDOG_TERMINATED.labels(reason).inc()
             log.warning("watchdog: ended session %d of %s, %s in a transaction for %.0fs (%s)",
@@ -203,7 +207,7 @@ class Housekeeping:
         run: dict[str, Job] = {"partitions": unblocked(ensure_partitions),
                                "indexes": unblocked(index_closed_days),
                                "retention": unblocked(retention_job(r.keep_days, r.max_bytes)),
-                               "free_space": FreeSpace(r.min_free),
+                               "free_space": unblocked(FreeSpace(r.min_free)),
                                "watchdog": watchdog(max_transaction)}
         self.jobs = [Periodic(name, every[name], run[name])
                      for name in jobs(retention, max_transaction)]
@@ -252,6 +256,21 @@ def jobs(retention: Retention, max_transaction: float) -> list[str]:
             *(["watchdog"] if max_transaction > 0 else [])]
 
 
+def _warn_unbounded(database: Database) -> None:
+    """Say so at start when no daily quota bounds what one peer may log (pgvpn.limits)."""
+    try:
+        with db.connect(database, "pgvpn-housekeeping") as conn:
+            row = conn.execute("SELECT peer_bytes_per_day IS NULL, (SELECT count(*) FROM "
+                               "pgvpn.peer WHERE bytes_per_day IS NULL) FROM pgvpn.limits"
+                               ).fetchone()
+    except psycopg.Error:
+        return  # the jobs will say what is wrong with the database
+    if row and row[0] and row[1]:
+        log.warning("no daily log quota is set (pgvpn.limits.peer_bytes_per_day): a peer that "
+                    "bypasses its agent can fill the log's disk; set one (Ansible: "
+                    "pgvpn_postgresql_peer_bytes_per_day)")
+
+
 def serve(database: Database, retention: Retention, max_transaction: float, address: str,
           port: int | None) -> int:
     """Run until SIGTERM/SIGINT."""
@@ -259,6 +278,7 @@ def serve(database: Database, retention: Retention, max_transaction: float, addr
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
     metrics.start_housekeeping(jobs(retention, max_transaction), address, port)
+    _warn_unbounded(database)
     service = Housekeeping(database, retention, stop, max_transaction)
     log.info("housekeeping: jobs %s%s", ", ".join(j.name for j in service.jobs),
              f"; metrics on http://{address}:{port}/metrics" if port else "")

@@ -25,7 +25,8 @@ log = logging.getLogger(__name__)
 
 FETCH = """
 SELECT p.src_peer, p.seq, extract(epoch FROM statement_timestamp() - p.logged_at)::float8,
-       p.payload, p.offload
+       CASE WHEN p.logged_at >= statement_timestamp() - make_interval(secs => %b)
+            THEN p.payload END, p.offload
 FROM unnest(%b::smallint[], %b::bigint[]) AS c (src, last)
 CROSS JOIN LATERAL (
     SELECT src_peer, seq, logged_at, payload, offload FROM pgvpn.packet
@@ -170,8 +171,8 @@ class Receiver:
             limit = max(1, min(fetch_max, int(PAGE_BYTES / self.row_bytes)))
             started = time.perf_counter()
             cur = self.conn.cursor(binary=True)
-            cur.execute(FETCH, (links, [self.cursor[s] for s in links], self.me, limit),
-                        prepare=True)
+            cur.execute(FETCH, (max_age, links, [self.cursor[s] for s in links], self.me,
+                                limit), prepare=True)
             rows = cur.fetchall()
             metrics.FETCH_SECONDS.observe(time.perf_counter() - started)
             if not rows:
@@ -236,7 +237,7 @@ class Receiver:
             done = time.time()
             late = time.perf_counter() - fetched + waited
             self.row_bytes = 0.8 * self.row_bytes + 0.2 * (
-                sum(len(r[3]) for r in rows) / len(rows))
+                sum(len(r[3] or b"") for r in rows) / len(rows))
             # What reached the TUN is delivered, whether or not the save gets through.
             self.cursor.update(last)
             self.delivered.post(last)

@@ -76,6 +76,8 @@ CREATE TABLE pgvpn.limits (
     only_row boolean PRIMARY KEY DEFAULT true CHECK (only_row),
     batch_rows integer NOT NULL DEFAULT 10000 CHECK (batch_rows > 0),
     batch_bytes bigint NOT NULL DEFAULT 8388608 CHECK (batch_bytes > 0),
+    -- a 64 KB TSO burst sealed (29 bytes): a receiver's page of fetch_max rows stays bounded
+    row_bytes integer NOT NULL DEFAULT 65600 CHECK (row_bytes > 0),
     peer_bytes_per_day bigint CHECK (peer_bytes_per_day >= 0)
 );
 INSERT INTO pgvpn.limits DEFAULT VALUES;
@@ -155,6 +157,8 @@ BEGIN
         RAISE EXCEPTION 'pgvpn: lock_peer takes direction 1 (sender) or 2 (receiver) and a '
             'token of 8 to 64 characters' USING ERRCODE = 'PV003';
     END IF;
+    -- one lock_peer() of this peer at a time: the other direction's holder has committed its row
+    PERFORM pg_catalog.pg_advisory_xact_lock((1886781440::bigint << 16) + me);
     IF NOT pg_catalog.pg_try_advisory_lock(1886781440 + p_direction, me) THEN
         SELECT * INTO holder FROM pgvpn.agent_session s
         WHERE s.peer = me AND s.direction = p_direction;
@@ -182,16 +186,39 @@ $$;
 
 -- The database lost commits the sender saw (highwater.py): its link continues after them, so
 -- that no sequence number a receiver may have passed is used again. Forward only, own links.
+-- Every advance is recorded: a hole a receiver counts is either the database's loss or a
+-- sender's advance, and an operator tells them apart here (a peer can make holes on its own
+-- links, nowhere else).
+CREATE TABLE pgvpn.link_advance (
+    src smallint NOT NULL,
+    dst smallint NOT NULL,
+    from_seq bigint NOT NULL,
+    to_seq bigint NOT NULL,
+    at timestamptz NOT NULL DEFAULT now(),
+    FOREIGN KEY (src, dst) REFERENCES pgvpn.link (src, dst)
+);
+COMMENT ON TABLE pgvpn.link_advance IS
+    'Each time a sender moved its link past sequence numbers the database had lost.';
+
 CREATE FUNCTION pgvpn.advance_link(p_dst smallint, p_seq bigint)
 RETURNS boolean
 LANGUAGE plpgsql
 SECURITY DEFINER
 SET search_path = pg_catalog, pgvpn, pg_temp
 AS $$
+DECLARE
+    was bigint;
 BEGIN
+    SELECT l.tx_seq INTO was FROM pgvpn.link l
+    WHERE l.src = pgvpn.my_peer() AND l.dst = p_dst FOR UPDATE;
+    IF was IS NULL OR p_seq IS NULL OR was >= p_seq THEN
+        RETURN false;
+    END IF;
     UPDATE pgvpn.link l SET tx_seq = p_seq, tx_at = statement_timestamp()
-    WHERE l.src = pgvpn.my_peer() AND l.dst = p_dst AND l.tx_seq < p_seq;
-    RETURN FOUND;
+    WHERE l.src = pgvpn.my_peer() AND l.dst = p_dst;
+    INSERT INTO pgvpn.link_advance (src, dst, from_seq, to_seq)
+    VALUES (pgvpn.my_peer(), p_dst, was, p_seq);
+    RETURN true;
 END
 $$;
 
@@ -220,8 +247,11 @@ DECLARE
     nl integer := cardinality(l_dst);
     max_rows integer;
     max_bytes bigint;
+    max_row integer;
     size bigint;
     header integer;
+    biggest integer;
+    lying boolean;
     bad boolean;
     advanced integer;
     used bigint;
@@ -252,10 +282,17 @@ BEGIN
     -- numbers. Per link: the rows inside [first, last] number exactly last - first + 1, and
     -- together they are every row; with the primary key (no duplicate seq in one statement)
     -- that makes each link's rows exactly first..last.
-    SELECT m.batch_rows, m.batch_bytes, coalesce(p.bytes_per_day, m.peer_bytes_per_day),
+    SELECT m.batch_rows, m.batch_bytes, m.row_bytes, coalesce(p.bytes_per_day, m.peer_bytes_per_day),
            (SELECT coalesce(sum(octet_length(x)), 0) FROM unnest(r_payload) AS x)
            + (SELECT coalesce(sum(octet_length(o)), 0) FROM unnest(r_offload) AS o),
            (SELECT coalesce(max(octet_length(o)), 0) FROM unnest(r_offload) AS o),
+           (SELECT coalesce(max(octet_length(x)), 0) FROM unnest(r_payload) AS x),
+           -- the header columns must describe the packet: its family, and its length (the
+           -- payload, or the payload sealed: 29 bytes more), so the log's byte counts hold
+           (SELECT coalesce(bool_or(family(r.src) <> r.version OR family(r.dst) <> r.version
+                                    OR octet_length(r.payload) - r.length NOT IN (0, 29)), false)
+            FROM unnest(r_src_addr, r_dst_addr, r_version, r_length, r_payload)
+                 AS r (src, dst, version, length, payload)),
            (SELECT coalesce(sum(s.rows), 0) <> n
                    OR coalesce(bool_or(s.dst IS NULL OR s.first IS NULL OR s.last < s.first
                                        OR s.rows <> s.last - s.first + 1), false)
@@ -264,7 +301,7 @@ BEGIN
                   LEFT JOIN unnest(r_dst, r_seq) AS r (dst, seq)
                          ON r.dst = l.dst AND r.seq BETWEEN l.first AND l.last
                   GROUP BY l.dst, l.first, l.last) AS s)
-    INTO max_rows, max_bytes, quota, size, header, bad
+    INTO max_rows, max_bytes, max_row, quota, size, header, biggest, lying, bad
     FROM pgvpn.limits m, pgvpn.peer p
     WHERE p.id = p_src;
     IF n > max_rows OR size > max_bytes THEN
@@ -275,14 +312,24 @@ BEGIN
         RAISE EXCEPTION 'pgvpn: rows of a batch must be each link''s sequence numbers first..last'
             USING ERRCODE = 'PV003';
     END IF;
+    IF biggest > max_row THEN
+        RAISE EXCEPTION 'pgvpn: a row of % bytes is over the limit of % (pgvpn.limits)',
+            biggest, max_row USING ERRCODE = 'PV003';
+    END IF;
+    IF lying THEN
+        RAISE EXCEPTION 'pgvpn: a row''s ip_version, addresses or length do not describe its '
+            'payload' USING ERRCODE = 'PV003';
+    END IF;
     IF header > 12 THEN
         RAISE EXCEPTION 'pgvpn: an offload header is a virtio_net_hdr of at most 12 bytes, not %',
             header USING ERRCODE = 'PV003';
     END IF;
+    -- (a batch that began before midnight and locks the row after the next day's first batch
+    -- counts into that day: the day never goes back)
     UPDATE pgvpn.usage u
-    SET day = today,
-        bytes = CASE WHEN u.day = today THEN u.bytes ELSE 0 END + size + 100 * n,
-        rows = CASE WHEN u.day = today THEN u.rows ELSE 0 END + n
+    SET day = greatest(u.day, today),
+        bytes = CASE WHEN u.day >= today THEN u.bytes ELSE 0 END + size + 100 * n,
+        rows = CASE WHEN u.day >= today THEN u.rows ELSE 0 END + n
     WHERE u.peer = p_src
     RETURNING u.bytes INTO used;
     IF NOT FOUND THEN
@@ -370,7 +417,7 @@ $$;
 
 -- Partitions ahead: at most 31 days, and never queued for long behind a lock (a pg_dump or a
 -- long query holding pgvpn.packet): inserts would queue behind the waiting CREATE.
-CREATE OR REPLACE FUNCTION pgvpn.ensure_partitions(days_ahead integer DEFAULT 2)
+CREATE OR REPLACE FUNCTION pgvpn.ensure_partitions(days_ahead integer DEFAULT 7)
 RETURNS integer
 LANGUAGE plpgsql
 SECURITY DEFINER
@@ -547,7 +594,7 @@ REVOKE ALL ON ALL SEQUENCES IN SCHEMA pgvpn FROM PUBLIC;
 REVOKE ALL ON ALL FUNCTIONS IN SCHEMA pgvpn FROM pgvpn_agent, pgvpn_reader;
 GRANT EXECUTE ON FUNCTION pgvpn.my_peer(), pgvpn.my_channel(), pgvpn.lock_peer(smallint, text),
     pgvpn.advance_link(smallint, bigint), pgvpn.segments(bytea, integer) TO pgvpn_agent;
-GRANT SELECT ON pgvpn.agent_session TO pgvpn_reader;
+GRANT SELECT ON pgvpn.agent_session, pgvpn.link_advance TO pgvpn_reader;
 GRANT EXECUTE ON FUNCTION pgvpn.send_batch(smallint, boolean, smallint[], bigint[], bigint[],
     smallint[], bigint[], timestamptz[], smallint[], inet[], inet[], smallint[], integer[],
     integer[], integer[], boolean[], bytea[], bytea[], smallint[], bigint[]) TO pgvpn_agent;

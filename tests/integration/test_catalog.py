@@ -87,6 +87,8 @@ RELATIONS: dict[str, dict[str, Any]] = {
     # which backend and agent process (token) holds each peer's lock: written by lock_peer()
     "pgvpn.agent_session": {"kind": "r", "rls": [False, False],
                             "grants": {READERS: ["SELECT"]}, "columns": {}},
+    "pgvpn.link_advance": {"kind": "r", "rls": [False, False],
+                           "grants": {READERS: ["SELECT"]}, "columns": {}},
     "pgvpn.flow": {"kind": "v", "rls": [False, False], "grants": {READERS: ["SELECT"]},
                    "columns": {}},
     "pgvpn.traffic_per_minute": {"kind": "v", "rls": [False, False],

@@ -634,7 +634,7 @@ class PlannerStatistics(Attack):
         assert len(hidden) > 10 and hidden["src_peer"] == [0]
         assert self.targets(t, tables) == hidden
         # ... nor on a day housekeeping makes later
-        assert one(t.login(OPERATOR), "SELECT pgvpn.ensure_partitions(5)") > 0
+        assert one(t.login(OPERATOR), "SELECT pgvpn.ensure_partitions(9)") > 0
         new = sorted(set(self.log_tables(t)) - set(tables))
         assert new and self.targets(t, new) == hidden
 
@@ -835,7 +835,28 @@ def set_quota(t: Target) -> None:
     t.admin("UPDATE pgvpn.limits SET peer_bytes_per_day = %s", (QUOTA,))
 
 
+def huge_row(t: Target) -> list[Batch]:
+    """One 2 MB row: within a call's bytes, yet a receiver's page of such rows is gigabytes."""
+    n = tx(t, "peer1", "peer2")
+    return [batch(t.id("peer1"), [(t.id("peer2"), n + 1)], payload=b"\x45" + bytes(1_999_999))]
+
+
+def lying_header(t: Target) -> list[Batch]:
+    """A 28-byte IPv4 packet logged as a 9999-byte IPv6 one: the operators' byte counts lie."""
+    n = tx(t, "peer1", "peer2")
+    b = batch(t.id("peer1"), [(t.id("peer2"), n + 1)])
+    b.update(r_length=[9999], r_version=[6])
+    return [b]
+
+
+def lying_effect(t: Target) -> None:
+    assert t.value("SELECT count(*) FROM pgvpn.packet WHERE src_peer = %s AND length = 9999 "
+                   "AND ip_version = 6", (t.id("peer1"),)) == 1
+
+
 ABUSES = [
+    Abuse("send_batch_one_huge_row", huge_row, logged(1)),
+    Abuse("send_batch_lying_header", lying_header, lying_effect),
     Abuse("send_batch_seq_ahead", ahead, ahead_effect),
     Abuse("send_batch_dst_not_in_links", unlinked, unlinked_effect),
     Abuse("send_batch_seq_backwards", backwards, backwards_effect),

@@ -52,6 +52,8 @@ def run(lab: Lab, a: LabPeer, b: LabPeer, port: int, restart_sender: bool) -> No
     assert stream.close() == list(range(1, 51)), "skipped, repeated or reordered"
     eventually(lambda: _equal(lab.agent_metrics(a)[REGRESSIONS], 1))
     assert "the database lost committed packets on the link to peer2" in Path(a.log).read_text()
+    # the advance is on record: an operator tells the database's loss from a sender's jump
+    assert lab.psql("SELECT to_seq - from_seq FROM pgvpn.link_advance") == "10"
     # the receiver had delivered what the database lost: for it nothing is missing
     assert lab.agent_metrics(b)['pgvpn_sequence_gap_packets_total{peer="peer1"}'] == 0
 

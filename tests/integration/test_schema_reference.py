@@ -28,7 +28,7 @@ def test_schema_reference_matches_the_migrations(make_lab):
         text = reference.render(conn)
         # nothing in it depends on the day, the session or how many days are made ahead
         conn.execute("SET search_path = pgvpn, public")
-        conn.execute("SELECT pgvpn.ensure_partitions(5)")
+        conn.execute("SELECT pgvpn.ensure_partitions(9)")
         assert reference.render(conn) == text, "the reference is not deterministic"
     if os.environ.get(UPDATE) == "1":
         DOC.write_text(text)

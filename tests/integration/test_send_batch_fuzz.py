@@ -61,6 +61,7 @@ class State:
     cursors: dict[tuple[int, int], int]
     usage: tuple[Any, int]  # (day, charged bytes)
     charged: int  # payload and offload bytes + 100 per row, over the attacker's rows today
+    misdescribed: int  # the attacker's rows whose header does not describe their payload
 
 
 class Fuzz:
@@ -92,7 +93,12 @@ class Fuzz:
                     "0) + 100), 0) FROM pgvpn.packet "
                     "WHERE src_peer = %s AND logged_at >= (now() AT TIME ZONE 'UTC')::date "
                     "AT TIME ZONE 'UTC'", (self.me,)).fetchone()
+        misdescribed = q("SELECT count(*) FROM pgvpn.packet WHERE src_peer = %s AND "
+                         "(family(src_addr) <> ip_version OR family(dst_addr) <> ip_version "
+                         "OR octet_length(payload) - length NOT IN (0, 29))",
+                         (self.me,)).fetchone()
         return State(
+            misdescribed=int(misdescribed[0]) if misdescribed else -1,
             others=int(others[0]) if others else -1,
             links={(s, d): int(t) for s, d, t in links},
             mine={int(d): (int(n), int(k), int(lo), int(hi)) for d, n, k, lo, hi in mine},
@@ -133,6 +139,7 @@ def honest(f: Fuzz, data: st.DataObject, tx: dict[int, int]) -> Batch:
     b = batch(f.me, rows)
     b["r_payload"] = [data.draw(st.binary(min_size=1, max_size=300), label="payload")
                       for _ in rows]
+    b["r_length"] = [len(p) for p in b["r_payload"]]  # the header describes the payload
     return b
 
 
@@ -142,7 +149,7 @@ def mutate(f: Fuzz, data: st.DataObject, b: Batch) -> Batch:
     how = data.draw(st.sampled_from([
         "p_src", "l_dst", "l_span", "r_dst", "r_seq", "duplicate", "shorter", "longer",
         "null_array", "null_element", "nested", "flood_rows", "flood_bytes", "cursors",
-        "notify", "reorder", "tight_quota", "replay", "offload",
+        "notify", "reorder", "tight_quota", "replay", "offload", "length", "family",
     ]), label="mutation")
 
     def pick(col: str) -> int | None:
@@ -202,6 +209,11 @@ def mutate(f: Fuzz, data: st.DataObject, b: Batch) -> Batch:
         b.update(batch(f.me, [(dst, first + i) for i in range(count)]))
     elif how == "flood_bytes" and (i := pick("r_payload")) is not None:
         b["r_payload"][i] = b"\x45" + bytes(BATCH_BYTES)
+    elif how == "length" and (i := pick("r_length")) is not None:
+        # a header that hides the payload's size from the log's byte counts
+        b["r_length"][i] = data.draw(st.integers(-5, 70_000), label="length")
+    elif how == "family" and (i := pick("r_version")) is not None:
+        b["r_version"][i] = 10 - b["r_version"][i] if b["r_version"][i] in (4, 6) else 4
     elif how == "offload" and (i := pick("r_offload")) is not None:
         # storage beside the payload: a header a kernel would never hand over
         b["r_offload"][i] = bytes(data.draw(st.integers(0, 200_000), label="offload bytes"))
@@ -253,6 +265,7 @@ def check(f: Fuzz, before: State, after: State) -> None:
             assert rx >= old and rx <= max(old, after.links[(src, dst)]), (
                 f"cursor {src}>{dst} moved to {rx}, tx_seq {after.links[(src, dst)]}")
     assert after.usage[1] <= QUOTA, "over the daily quota"
+    assert after.misdescribed == 0, "a row's header lies about its payload (the log's counts)"
     if after.usage[0] == before.usage[0] or before.usage[0] is None:
         assert after.usage[1] - before.usage[1] == after.charged - before.charged, (
             "usage does not charge what was logged")
