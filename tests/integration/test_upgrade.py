@@ -44,7 +44,7 @@ def batch(src: int, dst: int, first: int, count: int) -> tuple[object, ...]:
 
 def fetch(conn: db.Conn, me: int, src: int, after: int) -> list[int]:
     cur = conn.cursor(binary=True)
-    cur.execute(FETCH, ([src], [after], me, 100))
+    cur.execute(FETCH, (3600.0, [src], [after], me, 100))
     return [int(r[1]) for r in cur.fetchall()]
 
 
