@@ -9,6 +9,7 @@ separate processes; the tests and the benchmark drive the same class.
 from __future__ import annotations
 
 import fcntl
+import http.client
 import ipaddress
 import json
 import os
@@ -59,8 +60,10 @@ MGMT_FIRST_OCTET = 76
 MGMT_IF = "mgmt0"
 MGMT_LOCK = "/run/pgvpn-lab-mgmt.lock"
 METRICS_PORT = 9478
-# The housekeeping service's metrics, in the root namespace: the database's port + this.
-HOUSEKEEPING_PORT_OFFSET = 2000
+# The housekeeping service's metrics, in the root namespace: the database's port - this, below
+# the kernel's ephemeral ports (32768-60999), where a connect to a port nobody listens on yet
+# can meet itself (TCP self-connect) and read its own request back.
+HOUSEKEEPING_PORT_OFFSET = 30000
 HOUSEKEEPING_ROLE = "pgvpn_housekeeping"
 # What a peer's login may use on the database server that its own SET cannot raise.
 PEER_ROLE_SETTINGS = {"temp_file_limit": "64MB"}
@@ -312,7 +315,7 @@ class Lab:
 
     @property
     def housekeeping_port(self) -> int:
-        return self.port + HOUSEKEEPING_PORT_OFFSET
+        return self.port - HOUSEKEEPING_PORT_OFFSET
 
     @property
     def housekeeping_log(self) -> Path:
@@ -495,7 +498,7 @@ def _scrape(url: str, what: str) -> dict[str, float]:
     try:
         with urllib.request.urlopen(url, timeout=5) as response:
             text = response.read().decode()
-    except (OSError, ValueError) as exc:
+    except (OSError, ValueError, http.client.HTTPException) as exc:
         raise LabError(f"cannot scrape metrics of {what}: {exc}") from exc
     samples: dict[str, float] = {}
     for family in text_string_to_metric_families(text):
