@@ -12,7 +12,7 @@ import threading
 from collections.abc import Callable
 from types import FrameType
 
-from pgvpn_agent import metrics
+from pgvpn_agent import faults, metrics
 from pgvpn_agent.config import Config, Retention
 from pgvpn_agent.delivered import Delivered
 from pgvpn_agent.receiver import Receiver
@@ -40,6 +40,9 @@ def run(config: Config) -> int:
         log.warning("[retention] in the agent's config is ignored: retention runs in the "
                     "housekeeping service on the database host (`pgvpn db housekeeping`, "
                     "Ansible: pgvpn_postgresql_retention_*); remove the section")
+    if faults.ARMED:
+        log.warning("%s is set: this agent kills itself at %s (fault tests only)", faults.ENV,
+                    faults.ARMED)
     tun = open_tun(config.tun.name, offload=config.tun.offload)
     stop = threading.Event()
     failed = threading.Event()

@@ -56,21 +56,66 @@ class HighWater:
         now = time.monotonic()
         if not force and now - self.written_at < WRITE_EVERY:
             return
-        tmp = self.path.with_suffix(self.path.suffix + ".tmp")
         self.written_at = now
         try:
-            with open(tmp, "w") as f:
-                json.dump(self.marks, f)
-                f.flush()
-                os.fsync(f.fileno())
-            tmp.replace(self.path)
-            directory = os.open(self.path.parent, os.O_RDONLY)
-            try:
-                os.fsync(directory)  # the rename itself survives a crash
-            finally:
-                os.close(directory)
+            write_json(self.path, self.marks)
         except OSError as exc:
             log.warning("sender: cannot write %s (%s); a restart would forget the sequence "
                         "marks (tried again in %.0fs)", self.path, exc, WRITE_EVERY)
             return
         self.dirty = False
+
+
+def write_json(path: Path, value: object) -> None:
+    """Replace `path` with `value` as JSON, atomically and synced (the rename too)."""
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    with open(tmp, "w") as f:
+        json.dump(value, f)
+        f.flush()
+        os.fsync(f.fileno())
+    tmp.replace(path)
+    directory = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(directory)
+    finally:
+        os.close(directory)
+
+
+class ExitCursors:
+    """The receiver's cursors when it stops and cannot commit them (the database is away).
+
+    They would be lost with the process and the restart would deliver those packets again; they
+    go to a file beside the sender's marks instead (`<state_file stem>.cursors.json`), read at
+    the next connect, committed, and the file removed. By peer name, like the marks.
+    """
+
+    def __init__(self, state_file: Path | None) -> None:
+        self.path = (None if state_file is None
+                     else state_file.with_name(state_file.stem + ".cursors.json"))
+
+    def load(self) -> dict[str, int]:
+        if self.path is None:
+            return {}
+        try:
+            raw = json.loads(self.path.read_text())
+            return {str(k): int(v) for k, v in raw.items()}
+        except FileNotFoundError:
+            return {}
+        except (OSError, ValueError, AttributeError, TypeError) as exc:
+            log.warning("receiver: cannot read %s (%s); packets delivered before the last stop "
+                        "may be delivered again", self.path, exc)
+            return {}
+
+    def save(self, cursors: dict[str, int]) -> bool:
+        if self.path is None or not cursors:
+            return False
+        try:
+            write_json(self.path, cursors)
+        except OSError as exc:
+            log.warning("receiver: cannot write %s (%s)", self.path, exc)
+            return False
+        return True
+
+    def clear(self) -> None:
+        if self.path is not None:
+            self.path.unlink(missing_ok=True)

@@ -15,9 +15,10 @@ import time
 import psycopg
 from psycopg import sql
 
-from pgvpn_agent import db, metrics, seal, tun
+from pgvpn_agent import db, faults, metrics, seal, tun
 from pgvpn_agent.config import Config
 from pgvpn_agent.delivered import Delivered
+from pgvpn_agent.highwater import ExitCursors
 from pgvpn_agent.payload import deliver as deliver_payloads
 from pgvpn_agent.schema import check_version
 
@@ -72,6 +73,7 @@ class Receiver:
         self.me = 0
         self.names: dict[int, str] = {}
         self.cursor: dict[int, int] = {}
+        self.exit_cursors = ExitCursors(config.transport.state_file)
         self.connected_once = False
         self.channel = "pgvpn_" + config.peer
         self.sealer = seal.for_config(config)
@@ -111,9 +113,15 @@ class Receiver:
                 except psycopg.Error as exc:
                     self._lost(exc)
         finally:
+            saved = False
             if self.conn is not None:
-                self._save_on_exit()
+                saved = self._save_on_exit()
                 self.conn.close()
+            if not saved and self.cursor and self.exit_cursors.save(
+                    {self.names[s]: c for s, c in self.cursor.items() if s in self.names}):
+                log.warning("receiver: stopping without the database: the cursors of what was "
+                            "delivered are kept in %s for the next start",
+                            self.exit_cursors.path)
             metrics.DB_UP.labels("rx").set(0)
 
     def _wait(self, timeout: float, poll: bool = True) -> bool:
@@ -148,14 +156,15 @@ class Receiver:
                               prepare=True)
         metrics.CURSOR_SAVES.labels("receiver").inc()
 
-    def _save_on_exit(self) -> None:
+    def _save_on_exit(self) -> bool:
         """Stopping: what was written to the TUN is committed before the connection closes."""
         self.delivered.settle(timeout=2.0)
         try:
             self._save()
         except psycopg.Error as exc:
-            log.warning("receiver: could not save the cursors at exit (%s); the last packets "
-                        "may be delivered again at the next start", db.describe(exc))
+            log.warning("receiver: could not save the cursors at exit (%s)", db.describe(exc))
+            return False
+        return True
 
     def _fetch_all(self) -> None:
         """Fetch and deliver until no link has a full page waiting."""
@@ -177,6 +186,8 @@ class Receiver:
             metrics.FETCH_SECONDS.observe(time.perf_counter() - started)
             if not rows:
                 return
+            if faults.ARMED:
+                faults.reached("receiver.before_write")
             # Ages come from the database's clock (now minus logged_at, both its own): no two
             # hosts' clocks are ever compared, so a peer whose clock is off delivers as well.
             fetched = time.perf_counter()
@@ -238,6 +249,8 @@ class Receiver:
             late = time.perf_counter() - fetched + waited
             self.row_bytes = 0.8 * self.row_bytes + 0.2 * (
                 sum(len(r[3] or b"") for r in rows) / len(rows))
+            if faults.ARMED:
+                faults.reached("receiver.after_write")
             # What reached the TUN is delivered, whether or not the save gets through.
             self.cursor.update(last)
             self.delivered.post(last)
@@ -312,6 +325,11 @@ class Receiver:
                 # being added or removed) are not followed: their rows stay in the log.
                 known = set(ids.values())
                 saved = {int(s): int(r) for s, r in rows if int(s) in known}
+                # What the last run delivered but could not commit as it stopped.
+                loaded = self.exit_cursors.load()
+                kept = {ids[n]: c for n, c in loaded.items() if n in ids and ids[n] in saved}
+                for s, c in kept.items():
+                    self.cursor[s] = max(c, self.cursor.get(s, 0))
                 # Cursor saves lost with the old connection: write them again, so that a
                 # restart after this reconnect does not deliver those packets twice.
                 ahead = {s: c for s, c in self.cursor.items() if c > saved.get(s, 0)}
@@ -330,6 +348,9 @@ class Receiver:
         # make this process deliver the same packets twice.
         self.cursor = {src: max(seq, self.cursor.get(src, 0)) for src, seq in saved.items()}
         self.conn = conn
+        if loaded:
+            self.exit_cursors.clear()
+            log.info("receiver: committed the cursors the last run kept at its stop")
         if self.connected_once:
             metrics.RECONNECTS.labels("rx").inc()
             log.info("receiver: database connection restored")

@@ -15,7 +15,7 @@ from collections import deque
 
 import psycopg
 
-from pgvpn_agent import db, metrics, payload, seal, tun, wire
+from pgvpn_agent import db, faults, metrics, payload, seal, tun, wire
 from pgvpn_agent.config import Config
 from pgvpn_agent.delivered import Delivered
 from pgvpn_agent.highwater import HighWater
@@ -314,8 +314,15 @@ class Sender:
                 wire.fixed("int2", carried),
                 wire.fixed("int8", [cursors[s] for s in carried]),
             )
+            if faults.ARMED:
+                faults.reached("sender.before_commit")
+                if carried:
+                    faults.reached("sender.carrying")
+                faults.reached("sender.in_commit")
             started = time.perf_counter()
             self.conn.execute(SEND_BATCH, params, prepare=True)
+        if faults.ARMED:
+            faults.reached("sender.after_commit")
         if carried:
             metrics.CURSOR_SAVES.labels("sender").inc()
         metrics.INSERT_SECONDS.observe(time.perf_counter() - started)

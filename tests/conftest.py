@@ -47,7 +47,7 @@ def make_lab() -> Iterator[Callable[..., Lab]]:
         workdir = Path(tempfile.mkdtemp(prefix="pgvpn-test-", dir="/tmp"))
         workdir.chmod(0o755)
         lab = Lab.create(workdir, peers=peers, prefix=f"pgvt{os.getpid() % 100000}-{n}-",
-                         port=56000 + n % 1000, **kwargs)
+                         port=56000 + (os.getpid() * 37 + n) % 1000, **kwargs)
         labs.append(lab)
         lab.up(agents=agents)
         return lab

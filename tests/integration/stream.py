@@ -17,6 +17,7 @@ SCRIPT = str(Path(__file__).with_name("udpstream.py"))
 class Stream:
     def __init__(self, lab: Lab, src: LabPeer, dst: LabPeer, port: int, v6: bool = False) -> None:
         self.received: list[int] = []
+        self.times: list[float] = []  # time.monotonic() of each arrival
         self._lock = threading.Lock()
         self.recv = subprocess.Popen(
             ["ip", "netns", "exec", dst.netns, sys.executable, SCRIPT, "recv", str(port)],
@@ -35,6 +36,7 @@ class Stream:
         for line in self.recv.stdout:
             with self._lock:
                 self.received.append(int(line))
+                self.times.append(time.monotonic())
 
     def send(self, n: int) -> bool:
         """False when the local kernel refused the datagram (no route: the TUN is gone)."""
@@ -69,12 +71,12 @@ class Stream:
 
 def deliver(lab: Lab, src: LabPeer, dst: LabPeer, port: int, count: int,
             v6: bool = False) -> list[int]:
-    """Send datagrams 1..count and return, sorted, the numbers that arrived within 10 s."""
+    """Send datagrams 1..count and return the numbers that arrived within 10 s, as they came."""
     stream = Stream(lab, src, dst, port=port, v6=v6)
     for n in range(1, count + 1):
         stream.send(n)
     stream.wait_count(count, timeout=10)
-    return sorted(stream.close())
+    return stream.close()
 
 
 def eventually(check: Callable[[], None], timeout: float = 10.0) -> None:

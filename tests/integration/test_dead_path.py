@@ -9,64 +9,18 @@ arrive in order, nothing twice, and every datagram logged must be delivered.
 from __future__ import annotations
 
 import re
-import threading
 import time
 from datetime import datetime
 from pathlib import Path
 
-import psycopg
 import pytest
 
 from pgvpn_agent.lab import Lab, LabPeer, _run
-from tests.integration.stream import Stream, eventually
+from tests.integration.pump import Pump
+from tests.integration.stream import eventually
 
 pytestmark = pytest.mark.integration
 DEAD_PATH = 10.0  # the agents' database.dead_path_timeout (default)
-
-
-class Pump:
-    """Numbered datagrams src -> dst every `every` s in a thread; its failure fails the test."""
-
-    def __init__(self, lab: Lab, src: LabPeer, dst: LabPeer, port: int, every: float = 0.02):
-        self.stream = Stream(lab, src, dst, port=port)
-        self.port = port
-        self.every = every
-        self.sent = 0
-        self.stop = threading.Event()
-        self.error: BaseException | None = None
-        self.thread = threading.Thread(target=self._run)
-        self.thread.start()
-
-    def _run(self) -> None:
-        try:
-            while not self.stop.is_set():
-                self.sent += 1
-                self.stream.send(self.sent)
-                time.sleep(self.every)
-        except BaseException as exc:  # handed to the test
-            self.error = exc
-
-    def finish(self, lab: Lab) -> list[int]:
-        self.stop.set()
-        self.thread.join()
-        assert self.error is None, self.error
-        logged = logged_numbers(lab, self.port)
-        deadline = time.monotonic() + 30
-        while len(self.stream.received) < len(logged) and time.monotonic() < deadline:
-            time.sleep(0.2)
-        received = self.stream.close()
-        assert received == sorted(set(received)), "reordered or repeated"
-        assert received == logged, (
-            f"logged, not delivered: {sorted(set(logged) - set(received))[:10]}; "
-            f"delivered, not logged: {sorted(set(received) - set(logged))[:10]}")
-        return received
-
-
-def logged_numbers(lab: Lab, port: int) -> list[int]:
-    with psycopg.connect(lab.dsn()) as conn:
-        rows = conn.execute("SELECT payload FROM pgvpn.packet WHERE dst_port = %s ORDER BY seq",
-                            (port,)).fetchall()
-    return [int(bytes(p)[28:].split(b" ", 1)[0]) for (p,) in rows]
 
 
 def first_log_line(peer: LabPeer, pattern: str, after: float) -> float | None:
@@ -104,7 +58,8 @@ def test_a_blackholed_path_is_noticed_and_healed(make_lab):
     eventually(lambda: reconnected(lab, a), timeout=20)
     back_at = time.time()
     time.sleep(3)
-    received_ab, received_ba = ab.finish(lab), ba.finish(lab)
+    (_, received_ab, walk_ab), (_, received_ba, walk_ba) = ab.finish(), ba.finish()
+    assert walk_ab.repeats == walk_ba.repeats == 0, "a datagram was delivered twice"
     noticed = first_log_line(a, r"(sender|receiver): database error", cut_at)
     assert noticed is not None, "the dead path was never noticed"
     print(f"dead path: noticed {noticed - cut_at:.1f}s after the cut, reconnected "
@@ -132,7 +87,8 @@ def test_a_reconnecting_agent_ends_its_own_stale_session(make_lab):
     eventually(lambda: reconnected(lab, a), timeout=20)
     ended = first_log_line(a, r"ending this agent's own database session", cut_at)
     assert ended is not None, "the agent waited for the server instead"
-    received = ab.finish(lab)
+    _, received, w = ab.finish()
+    assert w.repeats == 0
     print(f"stale session: ended {ended - cut_at:.1f}s after the cut; {len(received)} "
           f"of {ab.sent} delivered")
     assert "another pgvpn agent is connected" not in Path(a.log).read_text()

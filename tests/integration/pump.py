@@ -1,0 +1,77 @@
+"""Numbered datagrams pumped through the real agents in a thread, checked in order at the end.
+
+A Pump sends one datagram every `every` seconds from src to dst (udpstream.py in the two
+namespaces) and records which ones the sending kernel accepted; its thread's failure fails the
+test. `finish` waits until everything logged has arrived and replays the arrivals against the
+log in sequence order (tests/ordering.py).
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import psycopg
+
+from pgvpn_agent.lab import Lab, LabPeer
+from tests.integration.stream import Stream
+from tests.ordering import Walk, walk
+
+
+class Pump:
+    def __init__(self, lab: Lab, src: LabPeer, dst: LabPeer, port: int,
+                 every: float = 0.02) -> None:
+        self.stream = Stream(lab, src, dst, port=port)
+        self.lab = lab
+        self.port = port
+        self.every = every
+        self.sent = 0
+        self.accepted: list[int] = []  # numbers the sending kernel took (a route existed)
+        self.stop = threading.Event()
+        self.error: BaseException | None = None
+        self.thread = threading.Thread(target=self._run, name=f"pump-{port}")
+        self.thread.start()
+
+    def _run(self) -> None:
+        try:
+            while not self.stop.is_set():
+                self.sent += 1
+                if self.stream.send(self.sent):
+                    self.accepted.append(self.sent)
+                time.sleep(self.every)
+        except BaseException as exc:  # handed to the test
+            self.error = exc
+
+    def first_arrival(self, after: float, above: int = 0) -> float | None:
+        """Monotonic time of the first arrival after `after` of a datagram numbered > `above`."""
+        with self.stream._lock:
+            pairs = list(zip(self.stream.received, self.stream.times, strict=True))
+        return next((t for n, t in pairs if t > after and n > above), None)
+
+    def halt(self) -> None:
+        self.stop.set()
+        self.thread.join()
+        assert self.error is None, self.error
+
+    def finish(self, settle: float = 30.0) -> tuple[list[int], list[int], Walk]:
+        """Stop sending; wait for the log to be delivered; (logged, received, walk)."""
+        self.halt()
+        logged = logged_numbers(self.lab, self.port)
+        deadline = time.monotonic() + settle
+        while (len(set(self.stream.received)) < len(logged)
+               and time.monotonic() < deadline):
+            time.sleep(0.2)
+        received = self.stream.close()
+        return logged, received, walk(received, logged)
+
+
+def logged_rows(lab: Lab, port: int) -> list[tuple[int, int]]:
+    """(seq, datagram number) of every logged datagram to `port`, in sequence order."""
+    with psycopg.connect(lab.dsn()) as conn:
+        rows = conn.execute("SELECT seq, payload FROM pgvpn.packet WHERE dst_port = %s "
+                            "ORDER BY seq", (port,)).fetchall()
+    return [(int(seq), int(bytes(p)[28:].split(b" ", 1)[0])) for seq, p in rows]
+
+
+def logged_numbers(lab: Lab, port: int) -> list[int]:
+    return [n for _, n in logged_rows(lab, port)]
