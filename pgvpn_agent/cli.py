@@ -76,6 +76,11 @@ def _parser() -> argparse.ArgumentParser:
     rev.add_argument("--dsn", required=True, help="libpq conninfo of a superuser")
     rev.add_argument("--peer", required=True)
     rev.set_defaults(func=_db_revoke)
+    rem = dbp.add_parser("remove", help="remove a peer for good: its links, cursors and login "
+                         "role (its rows stay; registering the name again brings it back)")
+    rem.add_argument("--dsn", required=True, help="libpq conninfo of a superuser")
+    rem.add_argument("name", metavar="NAME")
+    rem.set_defaults(func=_db_remove)
     ref = dbp.add_parser("reference", help="print the schema reference (Markdown) of a "
                          "migrated database")
     ref.add_argument("--dsn", required=True)
@@ -123,7 +128,7 @@ def _parser() -> argparse.ArgumentParser:
     st.set_defaults(func=_status)
 
     sub.add_parser("bench", help="benchmark the transport variants beside OpenVPN "
-                   "(see `pgvpn bench -h`)")
+                   "(see `pgvpn bench -h`); `pgvpn bench soak`: the database's limits")
 
     filters = argparse.ArgumentParser(add_help=False)
     src = filters.add_mutually_exclusive_group()
@@ -178,6 +183,10 @@ def _bench(argv: list[str]) -> int:
         return 2
     sys.path.insert(0, str(root))
     logging.basicConfig(level=logging.WARNING)
+    if argv[:1] == ["soak"]:
+        from bench.soak import main as soak_main
+
+        return soak_main(argv[1:])
     from bench.tunnel import main as bench_main
 
     return bench_main(argv)
@@ -237,6 +246,18 @@ def _db_revoke(args: argparse.Namespace) -> int:
         revoked = admin.revoke(conn, args.peer)
     print(f"peer {args.peer} revoked: role {revoked.role} may not log in, "
           f"{revoked.sessions} sessions ended; rotate the pair keys it held (docs/deploy.md)")
+    return 0
+
+
+def _db_remove(args: argparse.Namespace) -> int:
+    from pgvpn_agent import admin, db
+
+    configuration.check_peer_name(args.name, "NAME")
+    with db.connect(configuration.Database(dsn=args.dsn), "pgvpn-remove") as conn:
+        removed = admin.remove(conn, args.name)
+    role = "dropped" if removed.dropped else "gone already"
+    print(f"peer {args.name} removed: links and cursors deleted, role {removed.role} {role}, "
+          f"{removed.sessions} sessions ended; its rows stay in the log")
     return 0
 
 

@@ -303,6 +303,9 @@ def _database(raw: dict[str, Any]) -> Database:
         params = conninfo_to_dict(dsn)
     except ProgrammingError as exc:
         raise ConfigError(f"database.dsn: not a libpq connection string: {exc}") from None
+    if params.get("target_session_attrs", "read-write") not in ("read-write", "primary"):
+        raise ConfigError("database.dsn: target_session_attrs must be read-write or primary "
+                          "(the default): the agent writes every packet")
     for key in _TLS_KEYS:
         if key in params:
             raise ConfigError(f"database.dsn: sets {key}; use database.{key} instead, where "

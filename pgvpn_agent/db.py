@@ -9,6 +9,7 @@ import time
 from typing import Any
 
 import psycopg
+from psycopg.conninfo import conninfo_to_dict
 
 from pgvpn_agent import wire
 from pgvpn_agent.config import Database
@@ -39,8 +40,14 @@ def connect_kwargs(database: Database, application_name: str,
     server re-planned the receiver's fetch on every wake-up (a quarter of its CPU).
     """
     dead = database.dead_path_timeout
+    # Only a primary takes writes: with several hosts (host=db1,db2,db3) libpq tries each in
+    # turn and keeps the one that does; with one, a standby (a demoted primary behind the same
+    # name) is refused at connect instead of failing every batch.
+    session = ({} if "target_session_attrs" in conninfo_to_dict(database.dsn)
+               else {"target_session_attrs": "read-write"})
     return {
         "conninfo": database.dsn,
+        **session,
         # A silent path is noticed within dead_path_timeout whether the agent is idle (LISTEN),
         # waits for a result (keepalive probes: idle 40 %, then 3 probes 20 % apart) or has
         # data in flight (tcp_user_timeout); libpq's defaults take the kernel's 2 h 11 min.
@@ -143,7 +150,7 @@ def peer_ids(conn: Conn, me: str, names: list[str]) -> dict[str, int]:
 class Backoff:
     """Exponential backoff with jitter: quick first retries, bounded waits, no thundering herd."""
 
-    def __init__(self, first: float = 0.1, cap: float = 5.0) -> None:
+    def __init__(self, first: float = 0.1, cap: float = 2.0) -> None:
         self.first = first
         self.cap = cap
         self.attempt = 0

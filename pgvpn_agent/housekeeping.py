@@ -1,10 +1,11 @@
 """`pgvpn db housekeeping`: the database work no packet waits for, on the database host.
 
-Partitions ahead of time, indexes on closed days, retention, room on a filling disk, and a
-watchdog over peer sessions. It runs as its own login (pgvpn_housekeeping, a member of
-pgvpn_operator), not in the agents: a peer's credentials reach no operator function (schema
-v11, docs/security.md). Jobs run on a small connection pool and thread pool, so a slow DROP or
-a reconnect costs one period of that job, never another job's.
+Partitions ahead of time, indexes on closed days, closed days frozen, retention, room on a
+filling disk, a watchdog over peer sessions, and the database's own limits measured (transaction
+ids, WAL, vacuum held back, the rows every batch updates). It runs as its own login
+(pgvpn_housekeeping, a member of pgvpn_operator), not in the agents: a peer's credentials reach
+no operator function (schema v11, docs/security.md). Jobs run on a small connection pool and
+thread pool, so a slow DROP or a reconnect costs one period of that job, never another job's.
 """
 
 from __future__ import annotations
@@ -17,7 +18,8 @@ import time
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any
+from pathlib import Path
+from typing import Any, Self
 
 import psycopg
 from psycopg_pool import ConnectionPool, PoolTimeout
@@ -49,6 +51,97 @@ def index_closed_days(conn: db.Conn) -> None:
     row = conn.execute("SELECT pgvpn.index_closed_days()").fetchone()
     if row and row[0]:
         log.info("created %d address and port indexes on closed days of the log", row[0])
+
+
+def freeze_closed_days(conn: db.Conn) -> None:
+    """Have autovacuum freeze each closed day once, one day at a time (migration 0012)."""
+    rows = conn.execute("SELECT partition, state, bytes, xid_age "
+                        "FROM pgvpn.freeze_closed_days()").fetchall()
+    for part, state, size, age in rows:
+        if state == "marked":
+            log.info("freeze: %s (%.1f MB, %d transactions old) is closed: autovacuum freezes "
+                     "it within 100k transactions", part, size / 1e6, age)
+        elif state == "frozen":
+            log.info("freeze: %s is frozen; no vacuum rewrites it again", part)
+    unfrozen = [age for _, state, _, age in rows if state not in ("frozen", "done")]
+    metrics.LOG_UNFROZEN_DAYS.set(len(unfrozen))
+    metrics.LOG_UNFROZEN_AGE.set(max(unfrozen, default=0))
+
+
+# Transaction ids, the horizon vacuum is held back to, WAL and the rows every batch updates.
+# Sessions of this database hold back its tables' horizon (and walsenders: standbys' feedback),
+# replication slots and prepared transactions every database's.
+_LIMITS = """
+SELECT age(d.datfrozenxid), current_setting('autovacuum_freeze_max_age')::float8,
+       pg_snapshot_xmax(pg_current_snapshot())::text::float8,
+       coalesce(greatest(
+           (SELECT max(greatest(age(a.backend_xmin), age(a.backend_xid))) FROM pg_stat_activity a
+            WHERE a.datname = current_database() OR a.backend_type = 'walsender'),
+           (SELECT max(greatest(age(s.xmin), age(s.catalog_xmin))) FROM pg_replication_slots s),
+           (SELECT max(age(x.transaction)) FROM pg_prepared_xacts x)), 0),
+       coalesce((SELECT extract(epoch FROM now() - min(a.xact_start))::float8
+                 FROM pg_stat_activity a
+                 WHERE a.datname = current_database() AND a.backend_type = 'client backend'
+                   AND a.pid <> pg_backend_pid()), 0),
+       pg_size_bytes(current_setting('max_wal_size'))::float8,
+       pg_size_bytes(current_setting('wal_keep_size'))::float8,
+       pg_size_bytes(current_setting('max_slot_wal_keep_size'))::float8,
+       (SELECT count(*) FROM pg_ls_archive_statusdir() f WHERE f.name LIKE '%.ready')::float8,
+       current_setting('data_directory')
+FROM pg_database d WHERE d.datname = current_database()
+"""
+HOT_TABLES = ("link", "cursor", "usage")
+_HOT_ROWS = """
+SELECT s.relname, s.n_dead_tup::float8, pg_total_relation_size(s.relid)::float8
+FROM pg_stat_user_tables s WHERE s.schemaname = 'pgvpn' AND s.relname = ANY (%s)
+"""
+
+
+class Limits:
+    """The database's own limits under the tunnel's write rate, as metrics (docs/monitoring.md).
+
+    One transaction id per batch ages the database towards wraparound; WAL that cannot be
+    recycled (a slot, a failing archiver) fills pg_wal, and PostgreSQL stops with a PANIC when
+    it is full; a transaction open for hours (a pg_dump) holds back vacuum of the link, cursor
+    and usage rows that every batch updates. Runs next to PostgreSQL: it reads the filesystem
+    of pg_wal itself.
+    """
+
+    def __init__(self) -> None:
+        self.warned = False
+
+    def __call__(self, conn: db.Conn) -> None:
+        row = conn.execute(_LIMITS).fetchone()
+        assert row is not None
+        (xid_age, freeze_max_age, xids, horizon, oldest, max_wal, keep, slot_keep, pending,
+         datadir) = row
+        metrics.DATABASE_XID_AGE.set(xid_age)
+        metrics.DATABASE_FREEZE_MAX_AGE.set(freeze_max_age)
+        metrics.DATABASE_TRANSACTION_IDS.set(xids)
+        metrics.XMIN_HORIZON_AGE.set(horizon)
+        metrics.OLDEST_TRANSACTION.set(oldest)
+        metrics.WAL_SIZE_LIMIT.set(max_wal + max(keep, slot_keep) if slot_keep >= 0
+                                   else float("inf"))
+        metrics.WAL_ARCHIVE_PENDING.set(pending)
+        for table, dead, size in conn.execute(_HOT_ROWS, (list(HOT_TABLES),)):
+            metrics.HOT_TABLE_DEAD_ROWS.labels(table).set(dead)
+            metrics.HOT_TABLE_SIZE.labels(table).set(size)
+        fs = self._wal_filesystem(Path(datadir))
+        metrics.WAL_FILESYSTEM_AVAIL.set(fs.f_bavail * fs.f_frsize)
+        metrics.WAL_FILESYSTEM_SIZE.set(fs.f_blocks * fs.f_frsize)
+
+    def _wal_filesystem(self, datadir: Path) -> os.statvfs_result:
+        """pg_wal's filesystem (a symlink to another disk is followed); the data directory's
+        when this service may not look inside it (mode 0700, another user)."""
+        try:
+            return os.statvfs(datadir / "pg_wal")
+        except PermissionError:
+            if not self.warned:
+                self.warned = True
+                log.info("limits: %s is not readable by this service; the WAL filesystem "
+                         "metrics show the data directory's filesystem (the same, unless "
+                         "pg_wal is a link to another disk)", datadir)
+            return os.statvfs(datadir)
 
 
 def retention_job(keep_days: int | None, max_bytes: int | None) -> Job:
@@ -191,21 +284,37 @@ def apply_retention(conn: db.Conn, keep_days: int | None,
                         (keep_days, max_bytes)).fetchall()
 
 
+def _connection_class(database: Database) -> type[db.Conn]:
+    """Connections that read the password when they connect: the pool keeps its connect
+    arguments for its whole life, and a rotated password file must reach the next connection
+    it opens without a restart (config.Database.password)."""
+
+    class Connection(psycopg.Connection[Any]):
+        @classmethod
+        def connect(cls, conninfo: str = "", **kwargs: Any) -> Self:
+            return super().connect(conninfo, **{**kwargs, "password": database.password()})
+
+    return Connection
+
+
 class Housekeeping:
     def __init__(self, database: Database, retention: Retention, stop: threading.Event,
                  max_transaction: float = 0.0) -> None:
         self.stop = stop
         kwargs = db.connect_kwargs(database, "pgvpn-housekeeping")
         conninfo = kwargs.pop("conninfo")
+        del kwargs["password"]
         self.pool: ConnectionPool[db.Conn] = ConnectionPool(
-            conninfo, kwargs=kwargs, min_size=0, max_size=2, open=False, name="housekeeping",
-            configure=wire.register, timeout=database.connect_timeout)
+            conninfo, kwargs=kwargs, connection_class=_connection_class(database), min_size=0,
+            max_size=2, open=False, name="housekeeping", configure=wire.register,
+            timeout=database.connect_timeout)
         self.workers = ThreadPoolExecutor(max_workers=2, thread_name_prefix="housekeeping")
         r = retention
-        every = {"partitions": 600.0, "indexes": 3600.0, "retention": r.every,
-                 "free_space": 5.0, "watchdog": 5.0}
+        every = {"partitions": 600.0, "indexes": 3600.0, "freeze": 60.0, "limits": 15.0,
+                 "retention": r.every, "free_space": 5.0, "watchdog": 5.0}
         run: dict[str, Job] = {"partitions": unblocked(ensure_partitions),
                                "indexes": unblocked(index_closed_days),
+                               "freeze": freeze_closed_days, "limits": Limits(),
                                "retention": unblocked(retention_job(r.keep_days, r.max_bytes)),
                                "free_space": unblocked(FreeSpace(r.min_free)),
                                "watchdog": watchdog(max_transaction)}
@@ -247,11 +356,11 @@ class Housekeeping:
 
 
 def jobs(retention: Retention, max_transaction: float) -> list[str]:
-    """Partitions and indexes always; retention if a limit is set; free_space with drop_oldest;
-    the watchdog unless switched off."""
+    """Partitions, indexes, freeze and limits always; retention if a limit is set; free_space
+    with drop_oldest; the watchdog unless switched off."""
     r = retention
     configured = r.keep_days is not None or r.max_bytes is not None
-    return ["partitions", "indexes", *(["retention"] if configured else []),
+    return ["partitions", "indexes", "freeze", "limits", *(["retention"] if configured else []),
             *(["free_space"] if r.on_disk_full == "drop_oldest" else []),
             *(["watchdog"] if max_transaction > 0 else [])]
 

@@ -36,6 +36,10 @@ PG_SETTINGS = {
     "max_connections": "100",
     "shared_buffers": "256MB",
     "max_wal_size": "4GB",
+    # pg_wal full is a PANIC: no replication slot may keep more than this beyond max_wal_size
+    # (the Ansible role sets the same bound)
+    "max_slot_wal_keep_size": "1GB",
+    "wal_keep_size": "0",
     "checkpoint_timeout": "15min",
     "synchronous_commit": "on",
     "fsync": "on",

@@ -46,7 +46,7 @@ _LATENCY_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 
 # Delivery also covers packets that waited out an outage, up to transport.max_age (30 s).
 _DELIVERY_BUCKETS = (*_LATENCY_BUCKETS, 30.0)
 DROP_REASONS = ("no_route", "malformed", "queue_full", "too_old", "db_error", "tun_write",
-                "rate_limit", "unsealable", "disk_full", "bad_source", "quota")
+                "rate_limit", "unsealable", "disk_full", "bad_source", "quota", "in_doubt")
 RETENTION_REASONS = ("age", "size", "disk_full")
 DIRECTIONS = ("tx", "rx")
 CAUSES = ("notify", "poll")
@@ -120,7 +120,9 @@ DROPPED = Counter("pgvpn_packets_dropped", "Packets not carried, by reason: no_r
                   "unsealable (encrypted row that failed authentication or has an unknown key), "
                   "disk_full (the database's disk is full: not logged), bad_source (a stored "
                   "packet whose source address is not among its sender's addresses and routes), "
-                  "quota (over this peer's daily log quota, pgvpn.limits).",
+                  "quota (over this peer's daily log quota, pgvpn.limits), in_doubt (the batch in "
+                  "flight at a failover: not on the new primary, perhaps read on the old one; "
+                  "not sent again).",
                   ["reason"])
 
 BATCHES = Counter("pgvpn_insert_batches", "Sender transactions that logged a batch of packets "
@@ -164,6 +166,14 @@ DB_DISK_FULL = Gauge("pgvpn_db_disk_full", "1 while the database refuses this ag
                      "for lack of disk space (new packets are dropped as disk_full).")
 DB_UP = Gauge("pgvpn_db_up", "1 while the direction's database connection is usable.",
               ["direction"])
+TIMELINE = Gauge("pgvpn_db_timeline", "Timeline of the database server the sender is connected "
+                 "to (up by one at every promotion: a failover or a switchover).")
+TIMELINE_CHANGES = Counter("pgvpn_db_timeline_changes", "Reconnects of the sender to a server on "
+                           "another timeline than before (a failover or a switchover).")
+IN_DOUBT = Counter("pgvpn_commits_in_doubt", "Batches whose commit is in doubt: warned (the "
+                   "server committed locally but cancelled the wait for its synchronous "
+                   "standby) or in_flight (connection lost during the commit, then a new "
+                   "primary without it).", ["cause"])
 UNNOTIFIED = Counter("pgvpn_unnotified_batches", "Batches logged without waking their receivers "
                      "because the database's NOTIFY queue was full (receivers find them by "
                      "polling, transport.poll_interval).")
@@ -205,6 +215,48 @@ HOUSEKEEPING_SECONDS = Gauge("pgvpn_housekeeping_last_duration_seconds", "Wall t
                              "that drops a large day takes longer, and so does its lock wait).",
                              ["job"])
 
+# The database's own limits (housekeeping's limits and freeze jobs; docs/monitoring.md)
+DATABASE_XID_AGE = Gauge("pgvpn_database_xid_age", "Transactions since the oldest unfrozen "
+                         "transaction id of the pgvpn database (age(datfrozenxid)). "
+                         "Anti-wraparound vacuums start at autovacuum_freeze_max_age; PostgreSQL "
+                         "refuses new transactions 3M short of 2^31.")
+DATABASE_FREEZE_MAX_AGE = Gauge("pgvpn_database_autovacuum_freeze_max_age", "The server's "
+                                "autovacuum_freeze_max_age, in transactions.")
+DATABASE_TRANSACTION_IDS = Gauge("pgvpn_database_transaction_ids", "Transaction ids the cluster "
+                                 "has assigned (the 64-bit next id); its rate is what the "
+                                 "tunnel consumes: one per batch and per cursor commit.")
+XMIN_HORIZON_AGE = Gauge("pgvpn_database_xmin_horizon_age", "Transactions vacuum is held back "
+                         "by: the oldest snapshot or transaction id of a session of this "
+                         "database, a replication slot or a prepared transaction. Dead rows "
+                         "newer than it stay, rows older than it are not frozen.")
+OLDEST_TRANSACTION = Gauge("pgvpn_database_oldest_transaction_seconds", "Age of the oldest open "
+                           "transaction of a client session of this database (a pg_dump, a "
+                           "forgotten psql); 0 if none.")
+WAL_SIZE_LIMIT = Gauge("pgvpn_wal_size_limit_bytes", "What the server's settings bound pg_wal "
+                       "to: max_wal_size plus the larger of wal_keep_size and "
+                       "max_slot_wal_keep_size; +Inf when max_slot_wal_keep_size is -1 (a "
+                       "replication slot may keep WAL without limit). A failing archiver is "
+                       "not bounded by any of them.")
+WAL_ARCHIVE_PENDING = Gauge("pgvpn_wal_archive_pending_segments", "WAL segments waiting for "
+                            "archive_command (pg_wal/archive_status/*.ready): each stays in "
+                            "pg_wal until archived.")
+WAL_FILESYSTEM_AVAIL = Gauge("pgvpn_wal_filesystem_avail_bytes", "Bytes available on the "
+                             "filesystem of pg_wal. When it is full PostgreSQL stops (PANIC).")
+WAL_FILESYSTEM_SIZE = Gauge("pgvpn_wal_filesystem_size_bytes", "Size of the filesystem of "
+                            "pg_wal.")
+HOT_TABLE_DEAD_ROWS = Gauge("pgvpn_hot_table_dead_rows", "Dead row versions in the tables every "
+                            "batch updates (link: tx_seq, cursor: rx_seq, usage: the daily "
+                            "quota), by table: they pile up while vacuum is held back.",
+                            ["table"])
+HOT_TABLE_SIZE = Gauge("pgvpn_hot_table_size_bytes", "Disk size of those tables, indexes "
+                       "included, by table.", ["table"])
+LOG_UNFROZEN_DAYS = Gauge("pgvpn_log_unfrozen_closed_days", "Closed days of the packet log not "
+                          "frozen yet (the freeze job): each still costs a rewrite of every page "
+                          "when its anti-wraparound vacuum comes.")
+LOG_UNFROZEN_AGE = Gauge("pgvpn_log_unfrozen_closed_day_xid_age", "Age in transactions of the "
+                         "oldest closed day not frozen yet (0: none); at "
+                         "autovacuum_freeze_max_age autovacuum freezes it on its own.")
+
 
 def start(config: Config) -> None:
     """Publish the agent's identity, give every bounded label its series, serve if enabled.
@@ -225,6 +277,8 @@ def start(config: Config) -> None:
         SEQUENCE_REGRESSIONS.labels(peer.name)
     for reason in DROP_REASONS:
         DROPPED.labels(reason)
+    for cause in ("warned", "in_flight"):
+        IN_DOUBT.labels(cause)
     RATE_LIMIT_PACKETS.set(config.transport.rate_limit_packets)
     RATE_LIMIT_BYTES.set(config.transport.rate_limit_bytes)
     for cause in CAUSES:

@@ -75,6 +75,7 @@ class Receiver:
         self.cursor: dict[int, int] = {}
         self.exit_cursors = ExitCursors(config.transport.state_file)
         self.connected_once = False
+        self.fresh = False
         self.channel = "pgvpn_" + config.peer
         self.sealer = seal.for_config(config)
         self.lag_at = 0.0
@@ -93,6 +94,12 @@ class Receiver:
                         self.stop.wait(min(wait, self.backoff.wait_time()))
                         continue
                 try:
+                    if self.fresh:
+                        # Just (re)connected: rows committed while no LISTEN was up (a restart,
+                        # a failover) are fetched now, not at the next poll.
+                        self.fresh = False
+                        if self.config.mode != "payload":
+                            self._fetch_all()
                     if self.config.mode == "payload":
                         deliver_payloads(self.conn, self.tun, wait,
                                          self.config.transport.max_age, self.stop)
@@ -319,12 +326,14 @@ class Receiver:
                     row = conn.execute("SELECT pgvpn.my_channel()").fetchone()
                     self.channel = str(row[0]) if row and row[0] else self.channel
                 conn.execute(sql.SQL("LISTEN {}").format(sql.Identifier(self.channel)))
-                rows = conn.execute("SELECT src, rx_seq FROM pgvpn.cursor WHERE dst = %s",
-                                    (self.me,))
+                rows = conn.execute("SELECT c.src, c.rx_seq, l.tx_seq FROM pgvpn.cursor c "
+                                    "JOIN pgvpn.link l ON l.src = c.src AND l.dst = c.dst "
+                                    "WHERE c.dst = %s", (self.me,)).fetchall()
                 # Links from peers this agent's config does not list (another site's peer, one
                 # being added or removed) are not followed: their rows stay in the log.
                 known = set(ids.values())
-                saved = {int(s): int(r) for s, r in rows if int(s) in known}
+                saved = {int(s): int(r) for s, r, _ in rows if int(s) in known}
+                sequences = {int(s): int(t) for s, _, t in rows}
                 # What the last run delivered but could not commit as it stopped.
                 loaded = self.exit_cursors.load()
                 kept = {ids[n]: c for n, c in loaded.items() if n in ids and ids[n] in saved}
@@ -347,6 +356,15 @@ class Receiver:
         # Never move a cursor backwards: a cursor update lost with the connection must not
         # make this process deliver the same packets twice.
         self.cursor = {src: max(seq, self.cursor.get(src, 0)) for src, seq in saved.items()}
+        for src, last in self.cursor.items():
+            if sequences.get(src, last) < last:
+                # The database lost rows this receiver delivered (a failover, a restore): their
+                # sender moves the link past them when it reconnects (highwater.py).
+                log.warning("receiver: the link from %s is at %d in the database, behind the %d "
+                            "this receiver delivered: the database lost rows; waiting for its "
+                            "sender to continue after them", self.names[src], sequences[src],
+                            last)
+        self.fresh = True
         self.conn = conn
         if loaded:
             self.exit_cursors.clear()

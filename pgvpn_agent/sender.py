@@ -30,6 +30,7 @@ QUOTA = "PV002"  # pgvpn.send_batch(): over this peer's daily log quota
 # queue; batches go unnotified for a while and receivers find them by polling.
 QUEUE_FULL = "54000"
 UNNOTIFIED_FOR = 10.0
+RELINK_EVERY = 5.0
 
 SEND_BATCH = "SELECT pgvpn.send_batch(%b::int2, " + ", ".join(["%b"] * 19) + ")"
 
@@ -67,6 +68,15 @@ class Sender:
         self.names: dict[int, str] = {}
         self.tx_seq: dict[int, int] = {}
         self.highwater = HighWater(config.transport.state_file)
+        # The server's timeline at the last connect, and the last sequence number per link of
+        # the batch whose send_batch() is in flight: its fate is in doubt if the connection
+        # drops and the next server is on another timeline.
+        self.timeline: int | None = None
+        self.in_flight: dict[int, int] = {}
+        # Packets for a configured peer whose link is gone (removed by the operator): its links
+        # are read again now and then, so that it is carried again once it is registered back.
+        self.unlinked = False
+        self.links_read_at = 0.0
         self.connected_once = False
         self.notify = config.mode == "logged"
         self._send = self._send_payloads if config.mode == "payload" else self._send_rows
@@ -146,7 +156,7 @@ class Sender:
             try:
                 self._send(self.pending)
             except psycopg.Error as exc:
-                if self._queue_full(exc):
+                if self._queue_full(exc) or self._relinked(exc):
                     continue
                 if self._refused(exc) or self._lost(exc):
                     return
@@ -160,6 +170,9 @@ class Sender:
                     self.no_space.succeeded()
                     metrics.DB_DISK_FULL.set(0)
             self.pending = []
+            if self.unlinked and time.monotonic() - self.links_read_at > RELINK_EVERY:
+                self.unlinked = False
+                self._read_links()
         metrics.QUEUE_DEPTH.set(len(self.queue))
 
     def _take(self, batch_max: int) -> list[Captured]:
@@ -254,6 +267,8 @@ class Sender:
             peer = routes.lookup(h.dst_raw)
             if peer is None or (dst := ids.get(peer)) is None or dst not in next_seq:
                 no_route += 1  # no peer owns it, or the operator has not registered it
+                if peer is not None and peer in ids:
+                    self.unlinked = True  # registered, but no link (removed, not yet back)
                 continue
             seq = next_seq[dst] + 1
             next_seq[dst] = seq
@@ -320,7 +335,9 @@ class Sender:
                     faults.reached("sender.carrying")
                 faults.reached("sender.in_commit")
             started = time.perf_counter()
+            self.in_flight = {d: next_seq[d] for d in links}
             self.conn.execute(SEND_BATCH, params, prepare=True)
+            self.in_flight = {}
         if faults.ARMED:
             faults.reached("sender.after_commit")
         if carried:
@@ -370,6 +387,9 @@ class Sender:
                 rows = conn.execute("SELECT dst, tx_seq FROM pgvpn.link WHERE src = %s", (me,))
                 # links to peers this config does not list are not this agent's to write
                 committed = {int(d): int(s) for d, s in rows if int(d) in self.names}
+                row = conn.execute("SELECT pgvpn.timeline()").fetchone()
+                timeline = int(row[0]) if row else 0
+                conn.add_notice_handler(self._notice)
             except BaseException:
                 conn.close()
                 raise
@@ -378,18 +398,36 @@ class Sender:
             log.warning("sender: database unavailable (%s); retrying in %.1fs",
                         db.describe(exc), delay)
             return
-        if self.pending and cfg.mode != "payload" and self._committed(committed):
-            log.info("sender: the batch in flight at the disconnect was committed")
-            self.pending = []
+        promoted = self.timeline is not None and timeline != self.timeline
+        if promoted:
+            log.warning("sender: the database is on timeline %d, it was on %d: a failover or a "
+                        "switchover happened", timeline, self.timeline)
+            metrics.TIMELINE_CHANGES.inc()
+        in_doubt: dict[int, int] = {}
+        if self.pending and cfg.mode != "payload":
+            if self._committed(committed):
+                log.info("sender: the batch in flight at the disconnect was committed")
+                self.pending = []
+            elif promoted and self.in_flight:
+                in_doubt = self.in_flight
+        self.in_flight = {}
         try:
+            self._skip_in_doubt(conn, committed, in_doubt)
             self._catch_up(conn, committed)
         except psycopg.Error as exc:
             conn.close()
             delay = self.backoff.failed()
             log.warning("sender: database error (%s); retrying in %.1fs", db.describe(exc), delay)
             return
+        # What the database shows now may have been read by a receiver, even if no commit of
+        # it was confirmed to this sender (committed on a primary whose synchronous standby
+        # never had it): those numbers are never used again either.
+        for dst, seq in committed.items():
+            self.highwater.seen(self.names[dst], seq)
         self.tx_seq = committed
         self.conn = conn
+        self.timeline = timeline
+        metrics.TIMELINE.set(timeline)
         if self.connected_once:
             metrics.RECONNECTS.labels("tx").inc()
             log.info("sender: database connection restored (%d packets queued)", len(self.queue))
@@ -413,6 +451,67 @@ class Sender:
             conn.execute("SELECT pgvpn.advance_link(%s::int2, %s)", (dst, mark))
             committed[dst] = mark
 
+    def _read_links(self) -> None:
+        """This sender's links as the database has them now (one writer: the values are its)."""
+        assert self.conn is not None
+        rows = self.conn.execute("SELECT dst, tx_seq FROM pgvpn.link WHERE src = %s",
+                                 (self.ids[self.config.peer],))
+        self.tx_seq = {int(d): int(s) for d, s in rows if int(d) in self.names}
+        self.links_read_at = time.monotonic()
+
+    def _relinked(self, exc: psycopg.Error) -> bool:
+        """A link's sequence was not where this sender left it (PV001): reload the links.
+
+        A link that is gone (its peer removed by the operator) sends the batch again at once
+        without it, that peer's packets counted as no_route; one that moved (a second agent
+        with this peer name) drops the batch as an error, as before.
+        """
+        assert self.conn is not None
+        if exc.sqlstate != "PV001" or self.conn.closed:
+            return False
+        before = self.tx_seq
+        self._read_links()
+        gone = sorted(self.names[d] for d in set(before) - set(self.tx_seq))
+        if not gone:
+            return False
+        log.warning("sender: the links to %s are gone (removed by the operator); their packets "
+                    "are dropped as no_route, the batch is sent again without them",
+                    ", ".join(gone))
+        return True
+
+    def _skip_in_doubt(self, conn: db.Conn, committed: dict[int, int],
+                       in_doubt: dict[int, int]) -> None:
+        """A batch lost with the connection, absent from a newly promoted primary.
+
+        It may have committed on the old primary and been read there (a commit is visible
+        before the synchronous standby confirms it): sent again it could arrive twice, and its
+        sequence numbers used again could be skipped by a receiver that read them. So it is
+        dropped (counted as in_doubt) and the links move past its numbers (recorded in
+        pgvpn.link_advance; receivers count the hole).
+        """
+        if not in_doubt:
+            return
+        log.error("sender: the batch in flight at the disconnect (%d packets) is not on the new "
+                  "primary and may have been read on the old one: dropped, not sent again, and "
+                  "its sequence numbers are not used again", len(self.pending))
+        metrics.IN_DOUBT.labels("in_flight").inc()
+        metrics.DROPPED.labels("in_doubt").inc(len(self.pending))
+        self.pending = []
+        for dst, last in in_doubt.items():
+            if dst in committed and committed[dst] < last:
+                conn.execute("SELECT pgvpn.advance_link(%s::int2, %s)", (dst, last))
+                committed[dst] = last
+                self.highwater.seen(self.names[dst], last)
+
+    def _notice(self, diag: psycopg.errors.Diagnostic) -> None:
+        """The server cancelled a commit's wait for its synchronous standby (a statement
+        timeout, an operator): committed here, perhaps not on the standby. Sequence numbers
+        are kept as seen (highwater), so a failover to that standby is caught at the reconnect."""
+        if "might not have been replicated" in (diag.message_detail or ""):
+            log.error("sender: the database committed a batch without its synchronous standby's "
+                      "confirmation (%s): a failover now would lose it", diag.message_primary)
+            metrics.IN_DOUBT.labels("warned").inc()
+
     def _committed(self, committed: dict[int, int]) -> bool:
         """Did the batch whose commit we never heard back about actually commit?"""
         for _, raw in self.pending:
@@ -429,10 +528,6 @@ class Sender:
         """Drop a broken connection (True); errors on a live one are the caller's (False)."""
         assert self.conn is not None
         if not self.conn.closed and not isinstance(exc, psycopg.OperationalError):
-            if exc.sqlstate == "PV001":
-                rows = self.conn.execute("SELECT dst, tx_seq FROM pgvpn.link WHERE src = %s",
-                                         (self.ids[self.config.peer],))
-                self.tx_seq = {int(d): int(s) for d, s in rows if int(d) in self.names}
             return False
         delay = self.backoff.failed()
         log.warning("sender: database error (%s); %d packets queued, reconnecting in %.1fs",

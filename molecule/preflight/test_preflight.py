@@ -199,3 +199,25 @@ def test_revoked_peer_is_left_alone(tmp_path: Path, gathered_facts: Path) -> Non
     output = _flat(result.stdout + result.stderr)
     assert result.returncode == 0, output
     assert "peer3 : ok=0 changed=0 unreachable=0 failed=0 skipped=1" in output, output
+
+
+@pytest.mark.parametrize(("extra", "message"), [
+    ({"pgvpn_remove_peer": "peer2"}, "Peer peer2 is still in group pgvpn_peers: take its host "
+     "out of the inventory first"),
+    ({}, "Name the peer to remove with -e pgvpn_remove_peer=<name>"),
+])
+def test_remove_peer_wants_the_host_out_of_the_inventory_first(
+        extra: dict[str, str], message: str, tmp_path: Path) -> None:
+    """playbooks/remove-peer.yml refuses, before touching anything, a peer the inventory still
+    has: the next site.yml would add it back."""
+    inventory = tmp_path / "hosts.yml"
+    inventory.write_text(json.dumps(_inventory(GOOD_PEERS)))
+    env = {**os.environ, "ANSIBLE_CONFIG": str(REPO / "ansible.cfg"), "ANSIBLE_NOCOLOR": "1"}
+    result = subprocess.run(
+        [_ansible("ansible-playbook"), str(REPO / "playbooks" / "remove-peer.yml"),
+         "-i", str(inventory), "--check", "-e", json.dumps(extra)],
+        env=env, capture_output=True, text=True, timeout=600, cwd=REPO)
+    output = _flat(result.stdout + result.stderr)
+    assert result.returncode != 0, output
+    assert _flat(message) in output, output
+    assert "Remove its links, cursors and role" not in output, output

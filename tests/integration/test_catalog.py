@@ -48,11 +48,16 @@ FUNCTIONS = {
     SEND_BATCH: definer(AGENT),
     # after a database lost commits: the caller's own links, forward only (highwater.py)
     "pgvpn.advance_link(smallint,bigint)": definer(AGENT),
+    # the server's timeline (a failover changes it), not the WAL position behind it (sender.py)
+    "pgvpn.timeline()": definer(AGENT, READERS),
     # operators (pgvpn_reader: partitions() only)
     "pgvpn.register_peers(text[])": definer(OPERATORS),
-    "pgvpn.ensure_partitions(integer)": definer(OPERATORS, extra=("lock_timeout=500ms",)),
+    "pgvpn.remove_peer(text)": definer(OPERATORS, extra=("lock_timeout=2s",)),
+    "pgvpn.ensure_partitions(integer)": definer(OPERATORS, extra=("lock_timeout=200ms",)),
     "pgvpn.apply_retention(integer,bigint)": definer(OPERATORS, extra=("lock_timeout=200ms",)),
     "pgvpn.index_closed_days()": definer(OPERATORS, extra=("lock_timeout=200ms",)),
+    # marks closed days for autovacuum to freeze (storage parameters), lifts the mark after
+    "pgvpn.freeze_closed_days()": definer(OPERATORS, extra=("lock_timeout=200ms",)),
     "pgvpn.partitions()": definer(READERS),
     # no SET: inlined into the views; names only built-ins, runs as its caller
     "pgvpn.segments(bytea,integer)": invoker(AGENT, READERS),
@@ -70,7 +75,8 @@ RELATIONS: dict[str, dict[str, Any]] = {
                    "columns": {col: {AGENT: ["SELECT"], READERS: ["SELECT"]}
                                for col in ("id", "name", "db_role", "created_at", "revoked_at")}
                    | {"bytes_per_day": {AGENT: ["SELECT"], OPERATORS: ["UPDATE"],
-                                        READERS: ["SELECT"]}}},
+                                        READERS: ["SELECT"]},
+                      "removed_at": {READERS: ["SELECT"]}}},
     "pgvpn.peer_id_seq": {"kind": "S", "rls": [False, False], "grants": {}, "columns": {}},
     "pgvpn.link": {"kind": "r", "rls": [True, True],
                    "grants": {AGENT: ["SELECT"], READERS: ["SELECT"]}, "columns": {}},
@@ -88,6 +94,9 @@ RELATIONS: dict[str, dict[str, Any]] = {
     "pgvpn.agent_session": {"kind": "r", "rls": [False, False],
                             "grants": {READERS: ["SELECT"]}, "columns": {}},
     "pgvpn.link_advance": {"kind": "r", "rls": [False, False],
+                           "grants": {READERS: ["SELECT"]}, "columns": {}},
+    # where each link of a removed peer stopped: register_peers() continues it from there
+    "pgvpn.link_retired": {"kind": "r", "rls": [False, False],
                            "grants": {READERS: ["SELECT"]}, "columns": {}},
     "pgvpn.flow": {"kind": "v", "rls": [False, False], "grants": {READERS: ["SELECT"]},
                    "columns": {}},
@@ -107,6 +116,15 @@ MY_PEER = "( SELECT pgvpn.my_peer() AS my_peer)"
 SESSION_PEER = ("( SELECT p.id\n   FROM pgvpn.peer p\n"
                 "  WHERE ((p.db_role = SESSION_USER) AND (p.revoked_at IS NULL)))")
 EITHER_END = f"(({MY_PEER} = src) OR ({MY_PEER} = dst))"
+
+
+def removed_end(table: str) -> str:
+    """The owner deletes only links of a removed peer (remove_peer()); cursors follow."""
+    return ("(EXISTS ( SELECT\n   FROM pgvpn.peer p\n"
+            f"  WHERE ((p.id = ANY (ARRAY[{table}.src, {table}.dst])) "
+            "AND (p.removed_at IS NOT NULL))))")
+
+
 POLICIES = {
     # agents: rows addressed to them, their links, their cursors
     "packet.peer_reads_own": ["r", [AGENT], f"(dst_peer = {MY_PEER})", None],
@@ -127,6 +145,7 @@ POLICIES = {
     "cursor.owner_reads": ["r", [OWNER], "true", None],
     "cursor.owner_registers": ["a", [OWNER], None, "true"],
     "cursor.receiver_saves": ["w", [OWNER], f"(dst = {SESSION_PEER})", f"(dst = {SESSION_PEER})"],
+    "link.owner_removes": ["d", [OWNER], removed_end("link"), None],
 }
 TRIGGERS = {"packet.packet_notify": "pgvpn.notify_row()"}
 # Planner statistics on the log (the table and every partition): none but on logged_at, or

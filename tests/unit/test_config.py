@@ -224,3 +224,15 @@ def test_retention_keys() -> None:
     assert "retention.on_disk_full: 'drop' is not one of drop_new, drop_oldest" in error(
         with_(retention__on_disk_full="drop"))
     assert "retention.max_size: '50 apples'" in error(with_(retention__max_size="50 apples"))
+
+
+def test_several_servers_connect_to_the_one_that_takes_writes() -> None:
+    """host=db1,db2,db3: libpq keeps the primary (read-write, unless the dsn says primary)."""
+    from pgvpn_agent import db
+
+    cfg = config.parse(with_(database__dsn="host=db1,db2,db3 dbname=pgvpn user=pgvpn_a"))
+    assert db.connect_kwargs(cfg.database, "t")["target_session_attrs"] == "read-write"
+    cfg = config.parse(with_(database__dsn="host=db1,db2 target_session_attrs=primary"))
+    assert "target_session_attrs" not in db.connect_kwargs(cfg.database, "t")
+    assert "target_session_attrs must be read-write or primary" in error(
+        with_(database__dsn="host=db1,db2 target_session_attrs=prefer-standby"))

@@ -7,7 +7,8 @@ dest=$1
 mirror=$2
 
 # Everything the roles would install is pre-seeded: the machines have no apt access.
-packages=systemd,systemd-sysv,dbus,openssh-server,python3,python3-venv,python3-apt,python3-psycopg2,postgresql,prometheus,iperf3,iproute2,iputils-ping,netbase,procps,sudo,acl
+# etcd-server, etcd-client and patroni: the HA scenario's three database machines (docs/ha.md).
+packages=systemd,systemd-sysv,dbus,openssh-server,python3,python3-venv,python3-apt,python3-psycopg2,postgresql,prometheus,iperf3,iproute2,iputils-ping,netbase,procps,sudo,acl,etcd-server,etcd-client,patroni
 
 debootstrap --variant=minbase --include="$packages" bookworm "$dest" "$mirror"
 
@@ -26,7 +27,7 @@ printf '[Network]\nManageForeignRoutes=no\nManageForeignRoutingPolicyRules=no\n'
     >"$dest/etc/systemd/networkd.conf.d/10-pgvpn-lab.conf"
 
 # Installed but off: the pgvpn_postgresql and pgvpn_monitoring roles enable them on the database
-# machine only.
-systemctl --root="$dest" disable postgresql.service prometheus.service
+# machine only, pgvpn_etcd and pgvpn_patroni on the HA scenario's.
+systemctl --root="$dest" disable postgresql.service prometheus.service etcd.service patroni.service
 
 rm -rf "$dest"/var/cache/apt/archives/*.deb "$dest"/var/lib/apt/lists/*_Packages

@@ -77,6 +77,8 @@ machine_up() {
         ip -n "$netns" link add "$veth" type veth peer name "$brport"
         ip -n "$netns" link set "$brport" master "$bridge" up
     fi
+    # A machine killed with its link down (molecule/ha's power-off) leaves the pair behind.
+    ip -n "$netns" link set "$brport" up
 
     # nspawn runs inside the lab's network namespace (so it can move the veth in) and in a
     # private mount namespace where /sys is read-only: with no udev on the host, a writable

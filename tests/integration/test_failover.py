@@ -1,0 +1,181 @@
+"""The agents follow a failover: the primary dies, its synchronous standby is promoted.
+
+The lab's cluster gets a streaming standby (pg_basebackup) that every commit waits for
+(synchronous_standby_names = '*'); the agents' dsn lists both servers
+(`host=…,… port=P1,P2`, target_session_attrs=read-write by default). With numbered datagrams
+flowing both ways, the primary is stopped at once (immediate: no shutdown checkpoint, nothing
+sent) and the standby promoted, as Patroni would. The agents must find the new primary on their
+own, notice the new timeline, and deliver every datagram whose commit their sender saw
+acknowledged exactly once and in order. A batch in flight at the failover — committed on the old
+primary and perhaps read there, never confirmed — is in doubt: not sent again, its numbers not
+used again, so it arrives at most once. The time from the failover to the first new datagram
+each way is printed. (molecule/ha does the same under Patroni on machines of their own.)
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from pathlib import Path
+
+import pytest
+
+from pgvpn_agent.lab import Lab, LabPeer
+from tests.integration.pump import Pump
+from tests.integration.stream import eventually
+
+pytestmark = pytest.mark.integration
+
+
+class Standby:
+    def __init__(self, lab: Lab) -> None:
+        self.lab = lab
+        self.datadir = lab.pgdir / "standby"
+        self.port = lab.port + 1000
+        self.log = lab.pgdir / "standby.log"
+
+    def create(self) -> None:
+        lab = self.lab
+        lab._as_postgres([f"{lab.pg_bin}/pg_basebackup", "-h", str(lab.sockdir), "-p",
+                          str(lab.port), "-U", "postgres", "-D", str(self.datadir), "-R",
+                          "-X", "stream", "--no-sync", "--checkpoint=fast"])
+        with open(self.datadir / "postgresql.auto.conf", "a") as f:
+            f.write(f"port = {self.port}\n")
+        self.start()
+        lab.psql("ALTER SYSTEM SET synchronous_standby_names = '*'")
+        lab.psql("SELECT pg_reload_conf()")
+        eventually(lambda: _equal(lab.psql(
+            "SELECT sync_state FROM pg_stat_replication"), "sync"), timeout=30)
+
+    def promote(self) -> None:
+        self.lab._as_postgres([f"{self.lab.pg_bin}/pg_ctl", "-D", str(self.datadir), "promote",
+                               "-w", "-t", "60"])
+
+    def start(self) -> None:
+        self.lab._as_postgres([f"{self.lab.pg_bin}/pg_ctl", "-D", str(self.datadir), "start",
+                               "-w", "-t", "60", "-l", str(self.log)])
+
+    def stop(self, mode: str = "immediate") -> None:
+        self.lab._as_postgres([f"{self.lab.pg_bin}/pg_ctl", "-D", str(self.datadir), "stop",
+                               "-m", mode], check=False)
+
+
+def both_servers(lab: Lab, peer: LabPeer, standby: Standby) -> None:
+    """The agent's dsn names the primary and the standby, in that order."""
+    path = Path(peer.config)
+    text = path.read_text()
+    path.write_text(re.sub(rf"host=(\S+) port={lab.port} ",
+                           rf"host=\1,\1 port={lab.port},{standby.port} ", text))
+
+
+def test_agents_follow_a_failover_to_the_synchronous_standby(make_lab):
+    lab = make_lab(peers=2, agents=False, transport={"max_age": 300.0})
+    a, b = lab.peers
+    standby = Standby(lab)
+    try:
+        standby.create()
+        for peer in (a, b):
+            both_servers(lab, peer, standby)
+            lab.start_agent(peer)
+        lab.wait_mesh(timeout=30)
+        ab, ba = Pump(lab, a, b, port=7501, every=0.01), Pump(lab, b, a, port=7502, every=0.01)
+        time.sleep(2.0)
+        failed = time.monotonic()
+        lab.stop_postgres("immediate")
+        standby.promote()
+        promoted = time.monotonic()
+        lab.port = standby.port  # the lab's own queries go to the new primary from here on
+        sent = (ab.sent, ba.sent)
+        back: list[float | None] = [None, None]
+        deadline = time.monotonic() + 30
+        while None in back and time.monotonic() < deadline:
+            back = [ab.first_arrival(failed, above=sent[0]),
+                    ba.first_arrival(failed, above=sent[1])]
+            time.sleep(0.01)
+        assert None not in back, "the tunnel did not come back after the failover"
+        time.sleep(1.0)
+        report = []
+        for pump in (ab, ba):
+            # every datagram on the new primary (its commit confirmed by the standby, or made
+            # there) arrives; others arrived only if read on the old primary before it died
+            logged, received, _ = pump.finish(unlogged=True)
+            assert received == sorted(set(received)), "a datagram came twice or out of order"
+            unconfirmed = sorted(set(received) - set(logged))
+            report.append(f"{len(logged)} logged, {len(unconfirmed)} read on the old primary "
+                          f"only, {len(set(pump.accepted) - set(received))} taken by the "
+                          f"kernel and not delivered")
+        for peer in (a, b):
+            m = lab.agent_metrics(peer)
+            assert m["pgvpn_db_timeline"] == 2, m
+            assert m["pgvpn_db_timeline_changes_total"] == 1, m
+            for d in ("tx", "rx"):
+                assert m[f'pgvpn_db_reconnects_total{{direction="{d}"}}'] >= 1, m
+        print(f"\nfailover: promoted {promoted - failed:.2f}s after the primary died; first "
+              f"new datagram {back[0] - failed:.2f}s (a->b), {back[1] - failed:.2f}s (b->a) "
+              f"after it; a->b: {report[0]}; b->a: {report[1]}")
+        assert lab.ping(a, b) and lab.ping(b, a, v6=True)
+    finally:
+        standby.stop()
+
+
+def _equal(value: object, expected: object) -> None:
+    assert value == expected, value
+
+
+def test_commits_only_the_old_primary_had_are_neither_repeated_nor_reused(make_lab):
+    """The standby stops confirming; the senders' sessions are ended while their commits wait
+    for it, so those commits become visible on the primary alone (and are delivered from it);
+    then the primary dies with more batches waiting, and the standby is promoted without any of
+    them. The senders must move their links past every number a receiver may have read, drop
+    the batch in doubt, and go on: nothing delivered twice, nothing skipped, in order."""
+    lab = make_lab(peers=2, agents=False, transport={"max_age": 300.0})
+    a, b = lab.peers
+    standby = Standby(lab)
+    try:
+        standby.create()
+        for peer in (a, b):
+            both_servers(lab, peer, standby)
+            lab.start_agent(peer)
+        lab.wait_mesh(timeout=30)
+        ab, ba = Pump(lab, a, b, port=7511, every=0.01), Pump(lab, b, a, port=7512, every=0.01)
+        time.sleep(1.0)
+        standby.stop("fast")  # commits now wait for it
+        time.sleep(0.5)
+        ended = lab.psql("SELECT count(*) FILTER (WHERE pg_terminate_backend(pid)) FROM "
+                         "pg_stat_activity WHERE application_name LIKE 'pgvpn-%-tx' "
+                         "AND wait_event = 'SyncRep'")
+        assert int(ended) >= 1, "no sender was waiting for the standby"
+        time.sleep(1.0)  # reconnected; their next batches wait again
+        failed = time.monotonic()
+        lab.stop_postgres("immediate")
+        standby.start()
+        standby.promote()
+        lab.port = standby.port
+        sent = (ab.sent, ba.sent)
+        back: list[float | None] = [None, None]
+        deadline = time.monotonic() + 30
+        while None in back and time.monotonic() < deadline:
+            back = [ab.first_arrival(failed, above=sent[0]),
+                    ba.first_arrival(failed, above=sent[1])]
+            time.sleep(0.01)
+        assert None not in back, "the tunnel did not come back after the failover"
+        time.sleep(1.0)
+        unconfirmed = 0
+        for pump in (ab, ba):
+            logged, received, _ = pump.finish(unlogged=True)
+            assert received == sorted(set(received)), "a datagram came twice or out of order"
+            unconfirmed += len(set(received) - set(logged))
+        skipped = in_doubt = 0.0
+        for peer, other in ((a, b), (b, a)):
+            m = lab.agent_metrics(peer)
+            skipped += m[f'pgvpn_sequence_regressions_total{{peer="{other.name}"}}']
+            in_doubt += m['pgvpn_commits_in_doubt_total{cause="in_flight"}']
+        print(f"\nold primary only: {unconfirmed} datagrams delivered from commits the new "
+              f"primary lacks; {skipped:.0f} links moved past them, {in_doubt:.0f} batches in "
+              f"doubt dropped; first new datagram {back[0] - failed:.2f}s (a->b), "
+              f"{back[1] - failed:.2f}s (b->a) after the primary died")
+        assert unconfirmed >= 1, "no receiver read a commit the new primary lacks"
+        assert skipped + in_doubt >= 1 and int(lab.psql(
+            "SELECT count(*) FROM pgvpn.link_advance")) >= 1, "no sender moved past them"
+    finally:
+        standby.stop()
