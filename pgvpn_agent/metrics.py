@@ -250,7 +250,7 @@ HOT_TABLE_DEAD_ROWS = Gauge("pgvpn_hot_table_dead_rows", "Dead row versions in t
                             ["table"])
 HOT_TABLE_SIZE = Gauge("pgvpn_hot_table_size_bytes", "Disk size of those tables, indexes "
                        "included, by table.", ["table"])
-LOG_UNFROZEN_DAYS = Gauge("pgvpn_log_unfrozen_closed_days", "Closed days of the packet log not "
+LOG_UNFROZEN_DAYS = Gauge("pgvpn_log_unfrozen_partitions", "Closed days of the packet log not "
                           "frozen yet (the freeze job): each still costs a rewrite of every page "
                           "when its anti-wraparound vacuum comes.")
 LOG_UNFROZEN_AGE = Gauge("pgvpn_log_unfrozen_closed_day_xid_age", "Age in transactions of the "

@@ -172,7 +172,11 @@ class Sender:
             self.pending = []
             if self.unlinked and time.monotonic() - self.links_read_at > RELINK_EVERY:
                 self.unlinked = False
-                self._read_links()
+                try:
+                    self._read_links()
+                except psycopg.Error as exc:
+                    self._lost(exc)
+                    return
         metrics.QUEUE_DEPTH.set(len(self.queue))
 
     def _take(self, batch_max: int) -> list[Captured]:
@@ -470,7 +474,10 @@ class Sender:
         if exc.sqlstate != "PV001" or self.conn.closed:
             return False
         before = self.tx_seq
-        self._read_links()
+        try:
+            self._read_links()
+        except psycopg.Error:
+            return False  # the connection went with it (this peer removed): _lost() decides
         gone = sorted(self.names[d] for d in set(before) - set(self.tx_seq))
         if not gone:
             return False

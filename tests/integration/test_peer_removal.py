@@ -226,7 +226,8 @@ def _links(lab: Lab, query: str) -> dict[tuple[int, int], int]:
 
 
 def _contains(path: Path, text: str) -> None:
-    assert text in path.read_text(errors="replace"), f"{path} does not say {text!r}"
+    log = path.read_text(errors="replace")
+    assert text in log, f"{path} does not say {text!r}:\n{log}"
 
 
 def _assert(ok: bool) -> None:
