@@ -83,3 +83,16 @@ def logged_rows(lab: Lab, port: int) -> list[tuple[int, int]]:
 
 def logged_numbers(lab: Lab, port: int) -> list[int]:
     return [n for _, n in logged_rows(lab, port)]
+
+
+def back_after(pumps: list[Pump], after: float, timeout: float = 30.0) -> list[float]:
+    """For each pump, the monotonic time its first datagram sent from now on arrived after
+    `after` (the tunnel is back); fails if one does not within `timeout`."""
+    sent = [p.sent for p in pumps]
+    deadline = time.monotonic() + timeout
+    while True:
+        back = [p.first_arrival(after, above=n) for p, n in zip(pumps, sent, strict=True)]
+        if None not in back:
+            return [t for t in back if t is not None]
+        assert time.monotonic() < deadline, "the tunnel did not come back"
+        time.sleep(0.01)

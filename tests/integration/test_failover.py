@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 
 from pgvpn_agent.lab import Lab, LabPeer
-from tests.integration.pump import Pump
+from tests.integration.pump import Pump, back_after
 from tests.integration.stream import eventually
 
 pytestmark = pytest.mark.integration
@@ -68,16 +68,21 @@ def both_servers(lab: Lab, peer: LabPeer, standby: Standby) -> None:
                            rf"host=\1,\1 port={lab.port},{standby.port} ", text))
 
 
+def with_standby(lab: Lab, standby: Standby) -> None:
+    """The standby made, and every agent started with a dsn naming both servers."""
+    standby.create()
+    for peer in lab.peers:
+        both_servers(lab, peer, standby)
+        lab.start_agent(peer)
+    lab.wait_mesh(timeout=30)
+
+
 def test_agents_follow_a_failover_to_the_synchronous_standby(make_lab):
     lab = make_lab(peers=2, agents=False, transport={"max_age": 300.0})
     a, b = lab.peers
     standby = Standby(lab)
     try:
-        standby.create()
-        for peer in (a, b):
-            both_servers(lab, peer, standby)
-            lab.start_agent(peer)
-        lab.wait_mesh(timeout=30)
+        with_standby(lab, standby)
         ab, ba = Pump(lab, a, b, port=7501, every=0.01), Pump(lab, b, a, port=7502, every=0.01)
         time.sleep(2.0)
         failed = time.monotonic()
@@ -85,14 +90,7 @@ def test_agents_follow_a_failover_to_the_synchronous_standby(make_lab):
         standby.promote()
         promoted = time.monotonic()
         lab.port = standby.port  # the lab's own queries go to the new primary from here on
-        sent = (ab.sent, ba.sent)
-        back: list[float | None] = [None, None]
-        deadline = time.monotonic() + 30
-        while None in back and time.monotonic() < deadline:
-            back = [ab.first_arrival(failed, above=sent[0]),
-                    ba.first_arrival(failed, above=sent[1])]
-            time.sleep(0.01)
-        assert None not in back, "the tunnel did not come back after the failover"
+        back = back_after([ab, ba], failed)
         time.sleep(1.0)
         report = []
         for pump in (ab, ba):
@@ -132,11 +130,7 @@ def test_commits_only_the_old_primary_had_are_neither_repeated_nor_reused(make_l
     a, b = lab.peers
     standby = Standby(lab)
     try:
-        standby.create()
-        for peer in (a, b):
-            both_servers(lab, peer, standby)
-            lab.start_agent(peer)
-        lab.wait_mesh(timeout=30)
+        with_standby(lab, standby)
         ab, ba = Pump(lab, a, b, port=7511, every=0.01), Pump(lab, b, a, port=7512, every=0.01)
         time.sleep(1.0)
         standby.stop("fast")  # commits now wait for it
@@ -151,14 +145,7 @@ def test_commits_only_the_old_primary_had_are_neither_repeated_nor_reused(make_l
         standby.start()
         standby.promote()
         lab.port = standby.port
-        sent = (ab.sent, ba.sent)
-        back: list[float | None] = [None, None]
-        deadline = time.monotonic() + 30
-        while None in back and time.monotonic() < deadline:
-            back = [ab.first_arrival(failed, above=sent[0]),
-                    ba.first_arrival(failed, above=sent[1])]
-            time.sleep(0.01)
-        assert None not in back, "the tunnel did not come back after the failover"
+        back = back_after([ab, ba], failed)
         time.sleep(1.0)
         unconfirmed = 0
         for pump in (ab, ba):

@@ -15,7 +15,7 @@ import psycopg
 import pytest
 
 from pgvpn_agent.lab import Lab, LabPeer
-from tests.integration.pump import Pump
+from tests.integration.pump import Pump, back_after
 from tests.integration.stream import Stream, eventually
 
 pytestmark = pytest.mark.integration
@@ -108,16 +108,9 @@ def test_postgres_restarted_mid_transfer(make_lab, mode):
     restart.start()
     restart.join()
     restarted = time.monotonic()
-    sent = (ab.sent, ba.sent)
+    back = back_after([ab, ba], restarted)
     for peer in (a, b):
         eventually(lambda peer=peer: reconnected(lab, peer), timeout=30)
-    back = [None, None]
-    deadline = time.monotonic() + 30
-    while None in back and time.monotonic() < deadline:
-        back = [ab.first_arrival(restarted, above=sent[0]),
-                ba.first_arrival(restarted, above=sent[1])]
-        time.sleep(0.01)
-    assert None not in back, "the tunnel did not come back"
     time.sleep(1.0)
     for pump in (ab, ba):
         logged, received, walk = pump.finish(settle=60)
