@@ -109,7 +109,8 @@ def _parser() -> argparse.ArgumentParser:
     hk.add_argument("--metrics-port", type=int, default=9480, help="0: no metrics endpoint")
     hk.set_defaults(func=_db_housekeeping)
     dbm = dbp.add_parser("metrics", help="serve database-side Prometheus metrics (log size, "
-                         "disk, NOTIFY queue); run one, next to PostgreSQL")
+                         "disk, NOTIFY queue, role and replication); one next to each "
+                         "PostgreSQL node")
     src = dbm.add_mutually_exclusive_group(required=True)
     src.add_argument("--dsn", help="libpq conninfo of a role with pg_monitor")
     src.add_argument("--config", type=Path, help="use [database] of this agent config")
@@ -128,7 +129,8 @@ def _parser() -> argparse.ArgumentParser:
     st.set_defaults(func=_status)
 
     sub.add_parser("bench", help="benchmark the transport variants beside OpenVPN "
-                   "(see `pgvpn bench -h`); `pgvpn bench soak`: the database's limits")
+                   "(see `pgvpn bench -h`); `pgvpn bench soak`: the database's limits; "
+                   "`pgvpn bench mesh`: many peers at once against one pair")
 
     filters = argparse.ArgumentParser(add_help=False)
     src = filters.add_mutually_exclusive_group()
@@ -187,6 +189,10 @@ def _bench(argv: list[str]) -> int:
         from bench.soak import main as soak_main
 
         return soak_main(argv[1:])
+    if argv[:1] == ["mesh"]:
+        from bench.mesh import main as mesh_main
+
+        return mesh_main(argv[1:])
     from bench.tunnel import main as bench_main
 
     return bench_main(argv)
@@ -302,11 +308,11 @@ def _db_retention(args: argparse.Namespace) -> int:
 
 
 def _db_metrics(args: argparse.Namespace) -> int:
-    from pgvpn_agent import metrics
+    from pgvpn_agent import dbmetrics
 
     database = (configuration.load(args.config).database if args.config
                 else configuration.Database(dsn=args.dsn))
-    return metrics.serve_database(database, args.address, args.port)
+    return dbmetrics.serve(database, args.address, args.port)
 
 
 def _status(args: argparse.Namespace) -> int:

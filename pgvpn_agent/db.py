@@ -30,8 +30,8 @@ class AlreadyRunning(RuntimeError):
     """Another agent with the same peer name holds the link."""
 
 
-def connect_kwargs(database: Database, application_name: str,
-                   synchronous_commit: bool = True) -> dict[str, Any]:
+def connect_kwargs(database: Database, application_name: str, synchronous_commit: bool = True,
+                   any_server: bool = False) -> dict[str, Any]:
     """Arguments for psycopg.connect, shared by single connections and the housekeeping pool.
 
     Parallel workers turn every small indexed tail read into a 3x slower gather, so the agent
@@ -42,9 +42,10 @@ def connect_kwargs(database: Database, application_name: str,
     dead = database.dead_path_timeout
     # Only a primary takes writes: with several hosts (host=db1,db2,db3) libpq tries each in
     # turn and keeps the one that does; with one, a standby (a demoted primary behind the same
-    # name) is refused at connect instead of failing every batch.
+    # name) is refused at connect instead of failing every batch. The database host's own
+    # services (any_server) watch their node whatever its role, and check the role themselves.
     session = ({} if "target_session_attrs" in conninfo_to_dict(database.dsn)
-               else {"target_session_attrs": "read-write"})
+               else {"target_session_attrs": "any" if any_server else "read-write"})
     return {
         "conninfo": database.dsn,
         **session,
@@ -68,10 +69,12 @@ def connect_kwargs(database: Database, application_name: str,
     }
 
 
-def connect(database: Database, application_name: str, synchronous_commit: bool = True) -> Conn:
+def connect(database: Database, application_name: str, synchronous_commit: bool = True,
+            any_server: bool = False) -> Conn:
     """An autocommit session that knows the agent's binary array types."""
     try:
-        conn = psycopg.connect(**connect_kwargs(database, application_name, synchronous_commit))
+        conn = psycopg.connect(**connect_kwargs(database, application_name, synchronous_commit,
+                                                any_server))
     except psycopg.OperationalError as exc:
         hint = tls_hint(database, str(exc))
         if hint:

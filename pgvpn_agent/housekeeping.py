@@ -6,6 +6,7 @@ ids, WAL, vacuum held back, the rows every batch updates). It runs as its own lo
 (pgvpn_housekeeping, a member of pgvpn_operator), not in the agents: a peer's credentials reach
 no operator function (schema v11, docs/security.md). Jobs run on a small connection pool and
 thread pool, so a slow DROP or a reconnect costs one period of that job, never another job's.
+With several database hosts each runs one, and only the primary's works (noderole.py).
 """
 
 from __future__ import annotations
@@ -26,10 +27,13 @@ from psycopg_pool import ConnectionPool, PoolTimeout
 
 from pgvpn_agent import db, metrics, wire
 from pgvpn_agent.config import Database, Retention
+from pgvpn_agent.noderole import NodeRole
 
 log = logging.getLogger(__name__)
 
 Job = Callable[[db.Conn], None]
+# Reads only: a standby's WAL, transaction ids and horizon (hot_standby_feedback) matter too.
+ON_STANDBYS = frozenset({"limits"})
 
 
 @dataclass
@@ -301,7 +305,7 @@ class Housekeeping:
     def __init__(self, database: Database, retention: Retention, stop: threading.Event,
                  max_transaction: float = 0.0) -> None:
         self.stop = stop
-        kwargs = db.connect_kwargs(database, "pgvpn-housekeeping")
+        kwargs = db.connect_kwargs(database, "pgvpn-housekeeping", any_server=True)
         conninfo = kwargs.pop("conninfo")
         del kwargs["password"]
         self.pool: ConnectionPool[db.Conn] = ConnectionPool(
@@ -309,6 +313,7 @@ class Housekeeping:
             max_size=2, open=False, name="housekeeping", configure=wire.register,
             timeout=database.connect_timeout)
         self.workers = ThreadPoolExecutor(max_workers=2, thread_name_prefix="housekeeping")
+        self.role = NodeRole(database, "pgvpn-housekeeping")
         r = retention
         every = {"partitions": 600.0, "indexes": 3600.0, "freeze": 60.0, "limits": 15.0,
                  "retention": r.every, "free_space": 5.0, "watchdog": 5.0}
@@ -325,14 +330,28 @@ class Housekeeping:
         self.pool.open()
         try:
             while not self.stop.is_set():
-                now = time.monotonic()
-                for job in self.jobs:
-                    if now >= job.due and (job.running is None or job.running.done()):
-                        job.running = self.workers.submit(self._run, job)
+                self._tick()
                 self.stop.wait(1.0)
         finally:
             self.workers.shutdown(wait=True, cancel_futures=True)
             self.pool.close()
+            self.role.close()
+
+    def _tick(self) -> None:
+        """Submit the jobs that are due: on the primary (or while the node has not answered
+        yet: the jobs then fail and say why) all of them, every one due at a promotion; on a
+        standby only the read-only limits, since its WAL disk fills as well."""
+        was = self.role.primary
+        primary = self.role.check()
+        metrics.HOUSEKEEPING_ACTIVE.set(primary is not False)
+        now = time.monotonic()
+        if was is False and primary:
+            for job in self.jobs:
+                job.due = now
+        for job in self.jobs:
+            if (now >= job.due and (job.running is None or job.running.done())
+                    and (primary is not False or job.name in ON_STANDBYS)):
+                job.running = self.workers.submit(self._run, job)
 
     def _run(self, job: Periodic) -> None:
         started = time.monotonic()

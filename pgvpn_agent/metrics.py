@@ -1,9 +1,7 @@
 """Prometheus metrics, defined once; updated per batch, never per packet (the hot path).
 
-Two exporters share these definitions: the agent (`pgvpn run`, the module-level metrics below,
-served on `[metrics] address:port`) and the database-side collector (`pgvpn db metrics`, one
-process next to PostgreSQL, for what no single agent can see: the log's size, the disk under it,
-the notification queue).
+The agent (`pgvpn run`, served on `[metrics] address:port`) and the housekeeping service share
+these definitions; the database-side collector (`pgvpn db metrics`) is dbmetrics.py.
 """
 
 from __future__ import annotations
@@ -11,14 +9,11 @@ from __future__ import annotations
 import bisect
 import logging
 import math
-import os
 import platform
-import signal
 import threading
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from importlib import metadata
 
-import psycopg
 from prometheus_client import (
     REGISTRY,
     CollectorRegistry,
@@ -28,11 +23,10 @@ from prometheus_client import (
     disable_created_metrics,
     start_http_server,
 )
-from prometheus_client.core import GaugeMetricFamily, HistogramMetricFamily, Metric
+from prometheus_client.core import HistogramMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from pgvpn_agent import db
-from pgvpn_agent.config import Config, Database
+from pgvpn_agent.config import Config
 
 log = logging.getLogger(__name__)
 
@@ -207,6 +201,9 @@ WATCHDOG_TERMINATED = Counter("pgvpn_watchdog_terminated_sessions", "Peer sessio
 WATCHDOG_REASONS = ("long_transaction", "notify_queue", "blocking_housekeeping")
 LOG_FILESYSTEM_AVAIL = Gauge("pgvpn_log_filesystem_avail_bytes", "Bytes available on the "
                              "filesystem today's log partition is written to (free_space job).")
+HOUSEKEEPING_ACTIVE = Gauge("pgvpn_housekeeping_active", "1 while this instance's database "
+                            "node is the primary (or has not answered yet) and its jobs run; 0 "
+                            "on a standby, where they wait.")
 HOUSEKEEPING_LAST_OK = Gauge("pgvpn_housekeeping_last_success_timestamp_seconds", "Unix time of "
                              "each housekeeping job's last successful run (0: none yet).",
                              ["job"])
@@ -312,101 +309,3 @@ def _version() -> str:
         return metadata.version("pgvpn-agent")
     except metadata.PackageNotFoundError:
         return "unknown"
-
-
-# -- the database side -------------------------------------------------------------------------
-
-_PARTITIONS = """
-SELECT c.relname, coalesce(s.n_live_tup, 0), pg_total_relation_size(c.oid)
-FROM pg_inherits i
-JOIN pg_class c ON c.oid = i.inhrelid
-LEFT JOIN pg_stat_user_tables s ON s.relid = c.oid
-WHERE i.inhparent = (SELECT t.oid FROM pg_class t JOIN pg_namespace n ON n.oid = t.relnamespace
-                     WHERE n.nspname = 'pgvpn' AND t.relname = 'packet')
-"""
-_DATABASE = "SELECT pg_database_size(current_database()), pg_notification_queue_usage()"
-# Both need pg_monitor (or superuser); without it the collector leaves those metrics out.
-_WAL = "SELECT coalesce(sum(size), 0) FROM pg_ls_waldir()"
-_DATA_DIRECTORY = "SELECT current_setting('data_directory')"
-
-
-class DatabaseCollector(Collector):
-    """Database-wide numbers, queried at scrape time over a fresh short connection.
-
-    Catalog and statistics reads only: row counts are the statistics' live-tuple estimates (an
-    exact count(*) of a day of packets would cost more than the scrape is worth).
-    """
-
-    def __init__(self, database: Database, timeout: float = 5.0) -> None:
-        self.database = database
-        self.timeout = timeout
-
-    def collect(self) -> Iterator[Metric]:
-        up = GaugeMetricFamily("pgvpn_database_up", "1 if the last scrape could query the "
-                               "pgvpn database.")
-        families: list[Metric] = []
-        try:
-            with db.connect(self.database, "pgvpn-metrics") as conn:
-                conn.execute(f"SET statement_timeout = {int(self.timeout * 1000)}")
-                families = list(self._query(conn))
-        except psycopg.Error as exc:
-            log.warning("database metrics: %s", db.describe(exc))
-            up.add_metric([], 0)
-        else:
-            up.add_metric([], 1)
-        yield from families
-        yield up
-
-    def _query(self, conn: db.Conn) -> Iterator[Metric]:
-        rows = GaugeMetricFamily("pgvpn_log_partition_rows", "Rows in each partition of "
-                                 "pgvpn.packet (live-tuple estimate of the statistics).",
-                                 labels=["partition"])
-        size = GaugeMetricFamily("pgvpn_log_partition_size_bytes", "Disk size of each partition "
-                                 "of pgvpn.packet, indexes and TOAST included.",
-                                 labels=["partition"])
-        for name, n, nbytes in conn.execute(_PARTITIONS):
-            rows.add_metric([str(name)], float(n))
-            size.add_metric([str(name)], float(nbytes))
-        yield rows
-        yield size
-        row = conn.execute(_DATABASE).fetchone()
-        assert row is not None
-        yield GaugeMetricFamily("pgvpn_database_size_bytes", "Disk size of the pgvpn database.",
-                                value=float(row[0]))
-        yield GaugeMetricFamily("pgvpn_notification_queue_usage_ratio", "Fraction of the "
-                                "cluster's NOTIFY queue in use (pg_notification_queue_usage()); "
-                                "at 1 every NOTIFY fails.",
-                                value=float(row[1]))
-        try:
-            wal = conn.execute(_WAL).fetchone()
-            datadir = conn.execute(_DATA_DIRECTORY).fetchone()
-        except psycopg.errors.InsufficientPrivilege:
-            return
-        assert wal is not None and datadir is not None
-        yield GaugeMetricFamily("pgvpn_wal_size_bytes", "Size of the WAL directory (pg_wal).",
-                                value=float(wal[0]))
-        try:
-            fs = os.statvfs(str(datadir[0]))
-        except OSError:
-            return  # the database runs on another host: its disk is not ours to see
-        yield GaugeMetricFamily("pgvpn_database_filesystem_avail_bytes", "Bytes available to "
-                                "PostgreSQL on the filesystem of its data directory.",
-                                value=float(fs.f_bavail * fs.f_frsize))
-        yield GaugeMetricFamily("pgvpn_database_filesystem_size_bytes", "Size of the "
-                                "filesystem of PostgreSQL's data directory.",
-                                value=float(fs.f_blocks * fs.f_frsize))
-
-
-def serve_database(database: Database, address: str, port: int) -> int:
-    """`pgvpn db metrics`: serve DatabaseCollector until SIGTERM/SIGINT."""
-    registry = CollectorRegistry(auto_describe=False)
-    registry.register(DatabaseCollector(database))
-    server, _ = start_http_server(port, address, registry=registry)
-    stop = threading.Event()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, lambda *_: stop.set())
-    log.info("database metrics on http://%s:%d/metrics", address, port)
-    while not stop.wait(1.0):
-        pass
-    server.shutdown()
-    return 0

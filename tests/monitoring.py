@@ -22,6 +22,7 @@ _VARIABLE = re.compile(r"\$\{(\w+)(?::\w+)?\}|\$(\w+)")
 _OPEN, _CLOSE = "([{", ")]}"
 _COMPARISONS = ("==", "!=", ">=", "<=", ">", "<")
 _SET_OPERATORS = re.compile(r"\s(and|or|unless)\s")
+_MATCHING = re.compile(r"^\s*(on|ignoring)\s*\([^)]*\)")
 
 
 def dashboard() -> dict[str, Any]:
@@ -71,6 +72,7 @@ def measured(expr: str) -> list[str]:
     """
     parts = []
     for part in _top_level_split(expr):
+        part = _MATCHING.sub("", part, count=1)  # `and on () x`: the operand is x
         cut = _top_level_comparison(part)
         parts.append((part[:cut] if cut is not None else part).strip())
     return parts

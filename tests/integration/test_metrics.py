@@ -19,6 +19,7 @@ import time
 import urllib.parse
 import urllib.request
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +27,8 @@ import pytest
 import yaml
 
 from pgvpn_agent import status
-from pgvpn_agent.lab import Lab
+from pgvpn_agent.lab import HOUSEKEEPING_ROLE, Lab
+from tests.integration.standby import Standby
 from tests.integration.stream import eventually
 from tests.monitoring import RULES, alert_rules, dashboard_queries, measured
 
@@ -81,38 +83,60 @@ def terminate(proc: subprocess.Popen[bytes]) -> None:
         proc.wait()
 
 
+@dataclass
+class Database:
+    """The lab's cluster with a synchronous standby, each node with its exporter and its
+    housekeeping, as the Ansible role runs them on every database host (docs/ha.md)."""
+    lab: Lab
+    exporters: dict[str, str]  # instance -> host:port
+    housekeeping: dict[str, str]
+
+
 @pytest.fixture
-def database_exporter(make_lab: Any) -> Iterator[tuple[Lab, str]]:
+def database_exporter(make_lab: Any) -> Iterator[Database]:
     lab: Lab = make_lab(peers=2)
+    standby = Standby(lab)
+    standby.create()
     # every housekeeping job, as the database host runs them (free_space measures the disk)
     lab.start_housekeeping(on_disk_full="drop_oldest", min_free="1MB")
-    port = free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "pgvpn_agent", "db", "metrics", "--dsn",
-                             lab.dsn(), "--address", "127.0.0.1", "--port", str(port)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    ports = [free_port() for _ in range(3)]
+    procs = [subprocess.Popen([sys.executable, "-m", "pgvpn_agent", "db", *args],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+             for args in (["metrics", "--dsn", lab.dsn(), "--port", str(ports[0])],
+                          ["metrics", "--dsn", standby.dsn(), "--port", str(ports[1])],
+                          ["housekeeping", "--dsn", standby.dsn(HOUSEKEEPING_ROLE),
+                           "--on-disk-full", "drop_oldest", "--min-free", "1MB",
+                           "--metrics-port", str(ports[2])])]
     try:
-        yield lab, f"127.0.0.1:{port}"
+        yield Database(lab, {"db1": f"127.0.0.1:{ports[0]}", "db2": f"127.0.0.1:{ports[1]}"},
+                       {"db1": f"127.0.0.1:{lab.housekeeping_port}",
+                        "db2": f"127.0.0.1:{ports[2]}"})
     finally:
-        terminate(proc)
+        for proc in procs:
+            terminate(proc)
+        standby.stop()
 
 
 @pytest.fixture
-def prometheus(database_exporter: tuple[Lab, str], tmp_path: Path) -> Iterator[Prometheus]:
-    """/usr/bin/prometheus scraping every agent of the lab and the database exporter each second,
-    with pgvpn's alert rules loaded, as the pgvpn_monitoring role configures it."""
-    lab, exporter = database_exporter
+def prometheus(database_exporter: Database, tmp_path: Path) -> Iterator[Prometheus]:
+    """/usr/bin/prometheus scraping every agent of the lab and both database nodes' exporter
+    and housekeeping each second, with pgvpn's alert rules loaded, as the pgvpn_monitoring role
+    configures it."""
+    lab = database_exporter.lab
     agents = [{"targets": [urllib.parse.urlsplit(p.metrics_url).netloc],
                "labels": {"instance": p.name}} for p in lab.peers]
+
+    def nodes(targets: dict[str, str]) -> list[dict[str, Any]]:
+        return [{"targets": [t], "labels": {"instance": i}} for i, t in targets.items()]
     config = {
         "global": {"scrape_interval": "1s", "evaluation_interval": "1s", "scrape_timeout": "1s"},
         "rule_files": [str(RULES)],
         "scrape_configs": [
             {"job_name": "pgvpn_agent", "static_configs": agents},
             {"job_name": "pgvpn_database",
-             "static_configs": [{"targets": [exporter], "labels": {"instance": "db"}}]},
+             "static_configs": nodes(database_exporter.exporters)},
             {"job_name": "pgvpn_housekeeping",
-             "static_configs": [{"targets": [f"127.0.0.1:{lab.housekeeping_port}"],
-                                 "labels": {"instance": "db"}}]},
+             "static_configs": nodes(database_exporter.housekeeping)},
         ],
     }
     (tmp_path / "prometheus.yml").write_text(yaml.safe_dump(config))
@@ -138,9 +162,9 @@ def _assert_ready(prom: Prometheus) -> None:
 
 
 def test_every_dashboard_and_alert_query_returns_series(database_exporter, prometheus):
-    lab, _ = database_exporter
+    lab = database_exporter.lab
     a, b = lab.peers
-    eventually(lambda: _assert_targets_up(prometheus, 4), timeout=20)
+    eventually(lambda: _assert_targets_up(prometheus, 6), timeout=20)
     # Traffic both ways, and packets to an address no peer owns (dropped: no_route).
     lab.iperf(a, b, seconds=2)
     assert lab.ping(b, a, count=5)
@@ -168,6 +192,12 @@ def test_every_dashboard_and_alert_query_returns_series(database_exporter, prome
                            'pgvpn_delivery_latency_seconds_bucket[1m])))')
     assert 0 < p50 < 1
     assert prometheus.value("sum(pgvpn_log_partition_rows)") > 0
+    # The nodes' roles as the replication row shows them; only the primary's housekeeping works.
+    assert prometheus.value('pgvpn_database_in_recovery{instance="db2"}') == 1
+    assert prometheus.value('pgvpn_database_in_recovery{instance="db1"}') == 0
+    assert prometheus.value("pgvpn_replication_synchronous_standbys") == 1
+    assert prometheus.value('pgvpn_housekeeping_active{instance="db1"}') == 1
+    assert prometheus.value('pgvpn_housekeeping_active{instance="db2"}') == 0
     # A healthy lab raises no alert, not even a pending one; the disk alerts watch this host's
     # disk, which is not the lab's to keep free.
     assert not prometheus.query('ALERTS{alertname!~"PgvpnLogDisk.*"}')

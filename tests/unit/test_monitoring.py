@@ -79,6 +79,7 @@ def test_every_dashboard_variable_has_a_substitute():
     ('up{job="db"} == 0 or db_up == 0', ['up{job="db"}', "db_up"]),
     ('m{l=">"} > 2', ['m{l=">"}']),
     ("max(x)", ["max(x)"]),
+    ('max(s) < 1 and on () count(up{job="db"}) > 1', ["max(s)", 'count(up{job="db"})']),
 ])
 def test_measured_cuts_the_threshold(expr, operands):
     assert measured(expr) == operands
@@ -86,7 +87,7 @@ def test_measured_cuts_the_threshold(expr, operands):
 
 def test_alerts_have_severity_and_text():
     for rule in alert_rules():
-        assert rule["labels"]["severity"] in {"warning", "critical"}, rule["alert"]
+        assert rule["labels"]["severity"] in {"info", "warning", "critical"}, rule["alert"]
         assert {"summary", "description"} <= set(rule["annotations"]), rule["alert"]
 
 
