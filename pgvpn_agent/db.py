@@ -9,7 +9,7 @@ import time
 from typing import Any
 
 import psycopg
-from psycopg.conninfo import conninfo_to_dict
+from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
 from pgvpn_agent import wire
 from pgvpn_agent.config import Database
@@ -69,19 +69,51 @@ def connect_kwargs(database: Database, application_name: str, synchronous_commit
     }
 
 
+# The host each session (by application name) last reached: when that session connects again,
+# the host that just failed it is tried last (see _last_tried_last).
+_reached: dict[str, tuple[str, str]] = {}
+
+
 def connect(database: Database, application_name: str, synchronous_commit: bool = True,
             any_server: bool = False) -> Conn:
     """An autocommit session that knows the agent's binary array types."""
+    kwargs = connect_kwargs(database, application_name, synchronous_commit, any_server)
+    kwargs["conninfo"] = _last_tried_last(kwargs["conninfo"], _reached.get(application_name))
     try:
-        conn = psycopg.connect(**connect_kwargs(database, application_name, synchronous_commit,
-                                                any_server))
+        conn = psycopg.connect(**kwargs)
     except psycopg.OperationalError as exc:
         hint = tls_hint(database, str(exc))
         if hint:
             raise psycopg.OperationalError(f"{describe(exc)} ({hint})") from exc
         raise
     wire.register(conn)
+    _reached[application_name] = (conn.info.host, str(conn.info.port))
     return conn
+
+
+def _last_tried_last(conninfo: str, failed: tuple[str, str] | None) -> str:
+    """The conninfo with the host a session just lost moved to the end of its host list.
+
+    libpq (psycopg) tries hosts in order, each for up to connect_timeout: after a failover the
+    old primary, powered off or cut off, would cost that timeout at every reconnect before the
+    new primary is even asked. Still tried, last: a connection lost on a path that heals is
+    taken again at the end of the same round.
+    """
+    params = conninfo_to_dict(conninfo)
+    hosts = str(params.get("host", "")).split(",")
+    if failed is None or len(hosts) < 2:
+        return conninfo
+    columns = {key: str(params[key]).split(",") for key in ("host", "hostaddr", "port")
+               if key in params}
+    if any(len(values) not in (1, len(hosts)) for values in columns.values()):
+        return conninfo  # libpq refuses it and says why
+    ports = columns.get("port", [""]) * (len(hosts) if len(columns.get("port", [])) <= 1 else 1)
+    order = sorted(range(len(hosts)),
+                   key=lambda i: (hosts[i], ports[i] or "5432") == (failed[0], failed[1]))
+    for key, values in columns.items():
+        if len(values) == len(hosts):
+            params[key] = ",".join(values[i] for i in order)
+    return make_conninfo("", **params)
 
 
 def tls_hint(database: Database, message: str) -> str:
