@@ -21,7 +21,7 @@ from pgvpn_agent.delivered import Delivered
 from pgvpn_agent.highwater import HighWater
 from pgvpn_agent.packet import MalformedPacket, parse
 from pgvpn_agent.ratelimit import RateLimit
-from pgvpn_agent.schema import check_version
+from pgvpn_agent.reconnect import LinkRecovery
 
 log = logging.getLogger(__name__)
 DISK_FULL = "53100"
@@ -43,7 +43,7 @@ QUEUE_BYTES = 16 << 20
 COALESCE_BELOW = 16
 
 
-class Sender:
+class Sender(LinkRecovery):
     def __init__(self, config: Config, tun: tun.Tun, stop: threading.Event,
                  delivered: Delivered | None = None) -> None:
         self.config = config
@@ -375,172 +375,3 @@ class Sender:
             metrics.PACKETS.labels("tx", peer).inc(n)
             metrics.BYTES.labels("tx", peer).inc(size)
             metrics.LAST_PACKET.labels("tx", peer).set(now)
-
-    def _connect(self) -> None:
-        cfg = self.config
-        try:
-            conn = db.connect(cfg.database, f"pgvpn-{cfg.peer}-tx")
-            try:
-                check_version(conn)
-                self.ids = db.peer_ids(conn, cfg.peer, [p.name for p in cfg.peers])
-                self.names = {v: k for k, v in self.ids.items()}
-                me = self.ids[cfg.peer]
-                db.lock_peer(conn, db.LOCK_SENDER, cfg.peer)
-                if cfg.mode == "trigger":
-                    conn.execute("SET pgvpn.notify = 'trigger'")
-                rows = conn.execute("SELECT dst, tx_seq FROM pgvpn.link WHERE src = %s", (me,))
-                # links to peers this config does not list are not this agent's to write
-                committed = {int(d): int(s) for d, s in rows if int(d) in self.names}
-                row = conn.execute("SELECT pgvpn.timeline()").fetchone()
-                timeline = int(row[0]) if row else 0
-                conn.add_notice_handler(self._notice)
-            except BaseException:
-                conn.close()
-                raise
-        except (psycopg.Error, RuntimeError) as exc:
-            delay = self.backoff.failed()
-            log.warning("sender: database unavailable (%s); retrying in %.1fs",
-                        db.describe(exc), delay)
-            return
-        promoted = self.timeline is not None and timeline != self.timeline
-        if promoted:
-            log.warning("sender: the database is on timeline %d, it was on %d: a failover or a "
-                        "switchover happened", timeline, self.timeline)
-            metrics.TIMELINE_CHANGES.inc()
-        in_doubt: dict[int, int] = {}
-        if self.pending and cfg.mode != "payload":
-            if self._committed(committed):
-                log.info("sender: the batch in flight at the disconnect was committed")
-                self.pending = []
-            elif promoted and self.in_flight:
-                in_doubt = self.in_flight
-        self.in_flight = {}
-        try:
-            self._skip_in_doubt(conn, committed, in_doubt)
-            self._catch_up(conn, committed)
-        except psycopg.Error as exc:
-            conn.close()
-            delay = self.backoff.failed()
-            log.warning("sender: database error (%s); retrying in %.1fs", db.describe(exc), delay)
-            return
-        # What the database shows now may have been read by a receiver, even if no commit of
-        # it was confirmed to this sender (committed on a primary whose synchronous standby
-        # never had it): those numbers are never used again either.
-        for dst, seq in committed.items():
-            self.highwater.seen(self.names[dst], seq)
-        self.tx_seq = committed
-        self.conn = conn
-        self.timeline = timeline
-        metrics.TIMELINE.set(timeline)
-        if self.connected_once:
-            metrics.RECONNECTS.labels("tx").inc()
-            log.info("sender: database connection restored (%d packets queued)", len(self.queue))
-        else:
-            log.info("sender: connected, mode %s, batch_max %d", cfg.mode, cfg.transport.batch_max)
-        self.connected_once = True
-        self.backoff.succeeded()
-        metrics.DB_UP.labels("tx").set(1)
-
-    def _catch_up(self, conn: db.Conn, committed: dict[int, int]) -> None:
-        """The database lost commits this sender saw (highwater.py): move its links past them."""
-        names = self.names
-        behind = self.highwater.behind({names[d]: s for d, s in committed.items()})
-        for peer, mark in behind.items():
-            dst = self.ids[peer]
-            log.error("sender: the database lost committed packets on the link to %s: its "
-                      "sequence is at %d, this sender saw %d committed (a restore, a failover "
-                      "to a standby that missed them, or asynchronous commits); continuing "
-                      "after %d, receivers will count the hole", peer, committed[dst], mark, mark)
-            metrics.SEQUENCE_REGRESSIONS.labels(peer).inc()
-            conn.execute("SELECT pgvpn.advance_link(%s::int2, %s)", (dst, mark))
-            committed[dst] = mark
-
-    def _read_links(self) -> None:
-        """This sender's links as the database has them now (one writer: the values are its)."""
-        assert self.conn is not None
-        rows = self.conn.execute("SELECT dst, tx_seq FROM pgvpn.link WHERE src = %s",
-                                 (self.ids[self.config.peer],))
-        self.tx_seq = {int(d): int(s) for d, s in rows if int(d) in self.names}
-        self.links_read_at = time.monotonic()
-
-    def _relinked(self, exc: psycopg.Error) -> bool:
-        """A link's sequence was not where this sender left it (PV001): reload the links.
-
-        A link that is gone (its peer removed by the operator) sends the batch again at once
-        without it, that peer's packets counted as no_route; one that moved (a second agent
-        with this peer name) drops the batch as an error, as before.
-        """
-        assert self.conn is not None
-        if exc.sqlstate != "PV001" or self.conn.closed:
-            return False
-        before = self.tx_seq
-        try:
-            self._read_links()
-        except psycopg.Error:
-            return False  # the connection went with it (this peer removed): _lost() decides
-        gone = sorted(self.names[d] for d in set(before) - set(self.tx_seq))
-        if not gone:
-            return False
-        log.warning("sender: the links to %s are gone (removed by the operator); their packets "
-                    "are dropped as no_route, the batch is sent again without them",
-                    ", ".join(gone))
-        return True
-
-    def _skip_in_doubt(self, conn: db.Conn, committed: dict[int, int],
-                       in_doubt: dict[int, int]) -> None:
-        """A batch lost with the connection, absent from a newly promoted primary.
-
-        It may have committed on the old primary and been read there (a commit is visible
-        before the synchronous standby confirms it): sent again it could arrive twice, and its
-        sequence numbers used again could be skipped by a receiver that read them. So it is
-        dropped (counted as in_doubt) and the links move past its numbers (recorded in
-        pgvpn.link_advance; receivers count the hole).
-        """
-        if not in_doubt:
-            return
-        log.error("sender: the batch in flight at the disconnect (%d packets) is not on the new "
-                  "primary and may have been read on the old one: dropped, not sent again, and "
-                  "its sequence numbers are not used again", len(self.pending))
-        metrics.IN_DOUBT.labels("in_flight").inc()
-        metrics.DROPPED.labels("in_doubt").inc(len(self.pending))
-        self.pending = []
-        for dst, last in in_doubt.items():
-            if dst in committed and committed[dst] < last:
-                conn.execute("SELECT pgvpn.advance_link(%s::int2, %s)", (dst, last))
-                committed[dst] = last
-                self.highwater.seen(self.names[dst], last)
-
-    def _notice(self, diag: psycopg.errors.Diagnostic) -> None:
-        """The server cancelled a commit's wait for its synchronous standby (a statement
-        timeout, an operator): committed here, perhaps not on the standby. Sequence numbers
-        are kept as seen (highwater), so a failover to that standby is caught at the reconnect."""
-        if "might not have been replicated" in (diag.message_detail or ""):
-            log.error("sender: the database committed a batch without its synchronous standby's "
-                      "confirmation (%s): a failover now would lose it", diag.message_primary)
-            metrics.IN_DOUBT.labels("warned").inc()
-
-    def _committed(self, committed: dict[int, int]) -> bool:
-        """Did the batch whose commit we never heard back about actually commit?"""
-        for _, raw in self.pending:
-            try:
-                peer = self.routes.lookup(parse(raw[tun.VNET_SIZE:]).dst_raw)
-            except MalformedPacket:
-                continue
-            if peer is not None and peer in self.ids:
-                dst = self.ids[peer]
-                return committed.get(dst, 0) > self.tx_seq.get(dst, 0)
-        return False
-
-    def _lost(self, exc: psycopg.Error) -> bool:
-        """Drop a broken connection (True); errors on a live one are the caller's (False)."""
-        assert self.conn is not None
-        if not self.conn.closed and not isinstance(exc, psycopg.OperationalError):
-            return False
-        delay = self.backoff.failed()
-        log.warning("sender: database error (%s); %d packets queued, reconnecting in %.1fs",
-                    db.describe(exc), len(self.queue) + len(self.pending), delay)
-        metrics.DB_UP.labels("tx").set(0)
-        if self.conn is not None:
-            self.conn.close()
-        self.conn = None
-        return True
