@@ -168,6 +168,9 @@ IN_DOUBT = Counter("pgvpn_commits_in_doubt", "Batches whose commit is in doubt: 
                    "server committed locally but cancelled the wait for its synchronous "
                    "standby) or in_flight (connection lost during the commit, then a new "
                    "primary without it).", ["cause"])
+IN_DOUBT_REPLAYED = Counter("pgvpn_in_doubt_batches_replayed", "Batches in doubt after a "
+                            "failover sent again with their own sequence numbers (delivered "
+                            "once: a receiver that read them on the old primary skips them).")
 UNNOTIFIED = Counter("pgvpn_unnotified_batches", "Batches logged without waking their receivers "
                      "because the database's NOTIFY queue was full (receivers find them by "
                      "polling, transport.poll_interval).")
@@ -185,6 +188,10 @@ SEQUENCE_REGRESSIONS = Counter("pgvpn_sequence_regressions", "Reconnects at whic
                                "sequence of a link was behind what this sender had seen "
                                "committed: the database lost commits (a restore, a failover, "
                                "asynchronous commits), by remote peer.", ["peer"])
+DELIVERED_AHEAD = Counter("pgvpn_delivered_ahead_of_database", "Reconnects at which a link "
+                          "was behind what this receiver had delivered: it read rows on a "
+                          "primary that lost them (sent again with the same numbers, or skipped "
+                          "by their sender), by remote peer.", ["peer"])
 SEQUENCE_GAPS = Counter("pgvpn_sequence_gap_packets", "Sequence numbers a receiver found missing "
                         "on a link (rows the log lost: retention, a restore), by remote peer.",
                         ["peer"])
@@ -272,6 +279,7 @@ def start(config: Config) -> None:
     for peer in config.others:
         SEQUENCE_GAPS.labels(peer.name)
         SEQUENCE_REGRESSIONS.labels(peer.name)
+        DELIVERED_AHEAD.labels(peer.name)
     for reason in DROP_REASONS:
         DROPPED.labels(reason)
     for cause in ("warned", "in_flight"):

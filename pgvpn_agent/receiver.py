@@ -362,8 +362,9 @@ class Receiver:
                 # sender moves the link past them when it reconnects (highwater.py).
                 log.warning("receiver: the link from %s is at %d in the database, behind the %d "
                             "this receiver delivered: the database lost rows; waiting for its "
-                            "sender to continue after them", self.names[src], sequences[src],
-                            last)
+                            "sender to send them again or continue after them", self.names[src],
+                            sequences[src], last)
+                metrics.DELIVERED_AHEAD.labels(self.names[src]).inc()
         self.fresh = True
         self.conn = conn
         if loaded:

@@ -40,7 +40,8 @@ class LinkRecovery:
     tx_seq: dict[int, int]
     highwater: HighWater
     timeline: int | None
-    in_flight: dict[int, int]
+    in_flight: dict[int, tuple[int, int]]
+    replay: dict[int, tuple[int, int]]
     links_read_at: float
     connected_once: bool
 
@@ -75,17 +76,19 @@ class LinkRecovery:
             log.warning("sender: the database is on timeline %d, it was on %d: a failover or a "
                         "switchover happened", timeline, self.timeline)
             metrics.TIMELINE_CHANGES.inc()
-        in_doubt: dict[int, int] = {}
+        in_doubt: dict[int, tuple[int, int]] = {}
         if self.pending and cfg.mode != "payload":
             if self._committed(committed):
                 log.info("sender: the batch in flight at the disconnect was committed")
                 self.pending = []
+                self.replay = {}
             elif promoted and self.in_flight:
                 in_doubt = self.in_flight
+                metrics.IN_DOUBT.labels("in_flight").inc()
         self.in_flight = {}
         try:
-            self._skip_in_doubt(conn, committed, in_doubt)
             self._catch_up(conn, committed)
+            self._replay_or_skip(conn, committed, in_doubt or self.replay)
         except psycopg.Error as exc:
             conn.close()
             delay = self.backoff.failed()
@@ -115,6 +118,8 @@ class LinkRecovery:
         behind = self.highwater.behind({names[d]: s for d, s in committed.items()})
         for peer, mark in behind.items():
             dst = self.ids[peer]
+            if self.replay.get(dst) == (committed[dst] + 1, mark):
+                continue  # the batch in doubt, to be sent again with these very numbers
             log.error("sender: the database lost committed packets on the link to %s: its "
                       "sequence is at %d, this sender saw %d committed (a restore, a failover "
                       "to a standby that missed them, or asynchronous commits); continuing "
@@ -154,29 +159,59 @@ class LinkRecovery:
                     ", ".join(gone))
         return True
 
-    def _skip_in_doubt(self, conn: db.Conn, committed: dict[int, int],
-                       in_doubt: dict[int, int]) -> None:
+    def _replay_or_skip(self, conn: db.Conn, committed: dict[int, int],
+                        in_doubt: dict[int, tuple[int, int]]) -> None:
         """A batch lost with the connection, absent from a newly promoted primary.
 
         It may have committed on the old primary and been read there (a commit is visible
-        before the synchronous standby confirms it): sent again it could arrive twice, and its
-        sequence numbers used again could be skipped by a receiver that read them. So it is
-        dropped (counted as in_doubt) and the links move past its numbers (recorded in
-        pgvpn.link_advance; receivers count the hole).
+        before the synchronous standby confirms it). Sent again with the very sequence numbers
+        it had, it is delivered exactly once: a receiver that read it on the old primary has
+        its cursor past those numbers and skips it, the others read it. That holds only if
+        each link continues right before its first number (the new primary has everything
+        up to it) and the batch keeps every packet (send_rows checks: none too old, no link
+        gone); otherwise it is dropped (counted as in_doubt) and its numbers are never used
+        again: the links move past them (pgvpn.link_advance; receivers count the hole).
         """
         if not in_doubt:
             return
-        log.error("sender: the batch in flight at the disconnect (%d packets) is not on the new "
-                  "primary and may have been read on the old one: dropped, not sent again, and "
-                  "its sequence numbers are not used again", len(self.pending))
-        metrics.IN_DOUBT.labels("in_flight").inc()
+        if self.pending and all(committed.get(d) == first - 1
+                                for d, (first, _) in in_doubt.items()):
+            if self.replay != in_doubt:
+                log.warning("sender: the batch in flight at the failover (%d packets) is not on "
+                            "the new primary; it is sent again with the same sequence numbers, "
+                            "so a receiver that read it on the old primary skips it",
+                            len(self.pending))
+                self.replay = in_doubt
+                for d, (_, last) in in_doubt.items():
+                    self.highwater.seen(self.names[d], last)  # a crash now: skipped, not reused
+                self.highwater.flush(force=True)
+            return
+        self._skip_replay(conn, committed, in_doubt)
+
+    def _skip_replay(self, conn: db.Conn, committed: dict[int, int],
+                     in_doubt: dict[int, tuple[int, int]]) -> None:
+        """Drop the batch in doubt and move its links past its numbers."""
+        log.error("sender: the batch in flight at the failover (%d packets) cannot be sent "
+                  "again with its own sequence numbers and may have been read on the old "
+                  "primary: dropped, and its numbers are not used again", len(self.pending))
         metrics.DROPPED.labels("in_doubt").inc(len(self.pending))
         self.pending = []
-        for dst, last in in_doubt.items():
+        for dst, (_, last) in in_doubt.items():
             if dst in committed and committed[dst] < last:
                 conn.execute("SELECT pgvpn.advance_link(%s::int2, %s)", (dst, last))
                 committed[dst] = last
                 self.highwater.seen(self.names[dst], last)
+        self.replay = {}  # only once every link is past it: a failure above tries again
+
+    def _replays(self, numbers: dict[int, int]) -> bool:
+        """The batch about to be sent ends each link where the batch in doubt ended (with the
+        same first numbers: tx_seq is where it was), so it is that batch, whole; if not, it
+        is dropped and those numbers skipped. False: do not send it."""
+        if not self.replay or numbers == {d: last for d, (_, last) in self.replay.items()}:
+            return True
+        assert self.conn is not None
+        self._skip_replay(self.conn, self.tx_seq, self.replay)
+        return False
 
     def _notice(self, diag: psycopg.errors.Diagnostic) -> None:
         """The server cancelled a commit's wait for its synchronous standby (a statement

@@ -72,7 +72,10 @@ class Sender(LinkRecovery):
         # the batch whose send_batch() is in flight: its fate is in doubt if the connection
         # drops and the next server is on another timeline.
         self.timeline: int | None = None
-        self.in_flight: dict[int, int] = {}
+        self.in_flight: dict[int, tuple[int, int]] = {}
+        # That batch, first and last number per link, when a failover left it in doubt and it
+        # is sent again with those same numbers (reconnect.py).
+        self.replay: dict[int, tuple[int, int]] = {}
         # Packets for a configured peer whose link is gone (removed by the operator): its links
         # are read again now and then, so that it is carried again once it is registered back.
         self.unlinked = False
@@ -151,9 +154,13 @@ class Sender(LinkRecovery):
     def _flush(self) -> None:
         batch_max = self.config.transport.batch_max
         while self.conn is not None and (self.pending or self.queue):
-            if not self.pending:
-                self.pending = self._take(batch_max)
             try:
+                if self.replay and not self.pending:
+                    # the batch in doubt was refused or failed: its numbers are skipped
+                    # before the next batch is numbered
+                    self._skip_replay(self.conn, self.tx_seq, self.replay)
+                if not self.pending:
+                    self.pending = self._take(batch_max)
                 self._send(self.pending)
             except psycopg.Error as exc:
                 if self._queue_full(exc) or self._relinked(exc):
@@ -306,6 +313,8 @@ class Sender(LinkRecovery):
             metrics.DROPPED.labels("no_route").inc(no_route)
         if stale:
             metrics.DROPPED.labels("too_old").inc(stale)
+        if self.replay and not self._replays({d: next_seq[d] for d in counts}):
+            return
         if not r_dst:
             return
         links = sorted(counts)
@@ -339,9 +348,13 @@ class Sender(LinkRecovery):
                     faults.reached("sender.carrying")
                 faults.reached("sender.in_commit")
             started = time.perf_counter()
-            self.in_flight = {d: next_seq[d] for d in links}
+            self.in_flight = {d: (self.tx_seq[d] + 1, next_seq[d]) for d in links}
             self.conn.execute(SEND_BATCH, params, prepare=True)
             self.in_flight = {}
+        if self.replay:
+            self.replay = {}
+            metrics.IN_DOUBT_REPLAYED.inc()
+            log.info("sender: the batch in doubt is logged again with its own sequence numbers")
         if faults.ARMED:
             faults.reached("sender.after_commit")
         if carried:

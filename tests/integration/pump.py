@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import threading
 import time
+from collections.abc import Callable
 
 import psycopg
 
@@ -61,7 +62,11 @@ class Pump:
         primary, never on the new one) and left out of the walk; each may still come once.
         """
         self.halt()
+        # what the sending agent had queued at the halt may still be committing: the log is
+        # read once it stops growing
         logged = logged_numbers(self.lab, self.port)
+        while (again := _after(0.5, lambda: logged_numbers(self.lab, self.port))) != logged:
+            logged = again
         deadline = time.monotonic() + settle
         while (len(set(self.stream.received)) < len(logged)
                and time.monotonic() < deadline):
@@ -71,6 +76,11 @@ class Pump:
             held = set(logged)
             return logged, received, walk([n for n in received if n in held], logged)
         return logged, received, walk(received, logged)
+
+
+def _after(seconds: float, read: Callable[[], list[int]]) -> list[int]:
+    time.sleep(seconds)
+    return read()
 
 
 def logged_rows(lab: Lab, port: int) -> list[tuple[int, int]]:
