@@ -8,32 +8,41 @@ separate processes; the tests and the benchmark drive the same class.
 
 from __future__ import annotations
 
-import fcntl
-import http.client
-import ipaddress
 import json
 import os
-import re
 import shutil
 import signal
 import subprocess
 import sys
 import time
-import urllib.request
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from prometheus_client.parser import text_string_to_metric_families
+from pgvpn_agent import labconfig, labsize, labtraffic
+from pgvpn_agent.labconfig import METRICS_PORT
+from pgvpn_agent.labhost import (
+    MGMT_IF,
+    MGMT_SPACE,
+    LabError,
+    add_namespace,
+    alive,
+    mgmt_block,
+    pg_bin,
+    role,
+    scrape,
+    spawn,
+    stop,
+    tail,
+)
+from pgvpn_agent.labhost import run as _run
 
-from pgvpn_agent import seal
+__all__ = ["DEFAULT_DIR", "HOUSEKEEPING_ROLE", "METRICS_PORT", "MGMT_IF", "Lab", "LabError",
+           "LabPeer", "_run"]
 
 DEFAULT_DIR = Path(os.environ.get("PGVPN_LAB_DIR", "/run/pgvpn-lab"))
-PG_BIN_CANDIDATES = ("/usr/lib/postgresql/17/bin", "/usr/lib/postgresql/16/bin",
-                     "/usr/lib/postgresql/15/bin")
 PG_SETTINGS = {
     "listen_addresses": "''",
-    "max_connections": "100",
     "shared_buffers": "256MB",
     "max_wal_size": "4GB",
     # pg_wal full is a PANIC: no replication slot may keep more than this beyond max_wal_size
@@ -56,14 +65,6 @@ PG_SETTINGS = {
     "tcp_user_timeout": "10000",
     "client_connection_check_interval": "5000",
 }
-# Management links (root namespace <-> each peer's namespace) carry the agents' metrics, so that
-# a Prometheus in the root namespace can scrape them. Each lab takes a free /23 of link-local
-# space: a /31 per peer, root side even, namespace side odd.
-MGMT_SPACE = ipaddress.ip_network("169.254.0.0/16")
-MGMT_FIRST_OCTET = 76
-MGMT_IF = "mgmt0"
-MGMT_LOCK = "/run/pgvpn-lab-mgmt.lock"
-METRICS_PORT = 9478
 # The housekeeping service's metrics, in the root namespace: the database's port - this, below
 # the kernel's ephemeral ports (32768-60999), where a connect to a port nobody listens on yet
 # can meet itself (TCP self-connect) and read its own request back.
@@ -71,10 +72,6 @@ HOUSEKEEPING_PORT_OFFSET = 30000
 HOUSEKEEPING_ROLE = "pgvpn_housekeeping"
 # What a peer's login may use on the database server that its own SET cannot raise.
 PEER_ROLE_SETTINGS = {"temp_file_limit": "64MB"}
-
-
-class LabError(RuntimeError):
-    """The lab could not be brought up; the message says what to install or clean."""
 
 
 @dataclass
@@ -149,13 +146,12 @@ class Lab:
                pg_settings: dict[str, str] | None = None) -> Lab:
         if (workdir / "lab.json").exists():
             raise LabError(f"a lab is already up in {workdir}: run `pgvpn lab down` first")
-        if peers < 2 or peers > 200:
-            raise LabError("--peers must be between 2 and 200")
+        labsize.check(peers)
         tr = dict(transport or {})
         if batch_max is not None:
             tr["batch_max"] = batch_max
         lab = cls(workdir=workdir, prefix=prefix, port=port, mode=mode, transport=tr, mtu=mtu,
-                  pg_bin=_pg_bin(), encrypt=encrypt, offload=offload and mode != "payload",
+                  pg_bin=pg_bin(), encrypt=encrypt, offload=offload and mode != "payload",
                   schema=schema, tcp=tcp, pg_settings=dict(pg_settings or {}))
         for i in range(1, peers + 1):
             lab.peers.append(LabPeer(
@@ -165,7 +161,9 @@ class Lab:
         return lab
 
     def up(self, timeout: float = 60.0, agents: bool = True) -> None:
-        """Start everything and return once every peer pings every other one (v4 and v6).
+        """Start everything and return once every peer pings every other one (v4 and v6; in
+        a big lab, k random others: `wait_mesh`). Agents start at once and take about a second
+        of CPU each: `timeout` gets a second per peer on top.
 
         With agents=False only the database comes up (and each peer's config file is written),
         for tests that drive senders and receivers themselves.
@@ -189,13 +187,16 @@ class Lab:
                 self.start_agent(peer)
             self.save()
             if agents:
-                self.wait_mesh(timeout)
+                self.wait_mesh(timeout + len(self.peers))
         except BaseException:
             self.down()
             raise
 
     def down(self) -> None:
         """Remove every process, namespace and file this lab made; safe to call twice."""
+        for peer in self.peers:  # all at once: a big lab's agents stop side by side
+            if alive(peer.pid):
+                os.kill(peer.pid, signal.SIGTERM)
         for peer in self.peers:
             self.stop_agent(peer)
         self.stop_housekeeping()
@@ -230,8 +231,8 @@ class Lab:
             "dsn": self.dsn(),
             "mode": self.mode,
             "peers": [{"name": p.name, "netns": p.netns, "ipv4": p.ipv4, "ipv6": p.ipv6,
-                       "tun": p.tun, "pid": p.pid, "running": _alive(p.pid),
-                       "dsn": self.dsn(_role(p.name)), "log": p.log,
+                       "tun": p.tun, "pid": p.pid, "running": alive(p.pid),
+                       "dsn": self.dsn(role(p.name)), "log": p.log,
                        "metrics_url": p.metrics_url} for p in self.peers],
         }
 
@@ -244,7 +245,9 @@ class Lab:
             self.workdir.chmod(0o755)
             self._as_postgres([f"{self.pg_bin}/initdb", "-D", str(self.datadir), "-U", "postgres",
                                "--auth=trust", "-E", "UTF8", "--no-sync"])
-            settings = {**PG_SETTINGS, **self.pg_settings}
+            settings = {**PG_SETTINGS,
+                        "max_connections": str(labsize.max_connections(len(self.peers))),
+                        **self.pg_settings}
             if self.tcp:
                 settings["listen_addresses"] = "'*'"
                 with open(self.datadir / "pg_hba.conf", "a") as f:
@@ -297,10 +300,11 @@ class Lab:
             for other in ("postgres", "template1"):
                 conn.execute(f"REVOKE CONNECT ON DATABASE {other} FROM PUBLIC")
             for peer in self.peers:
-                role = _role(peer.name)
-                conn.execute(f'CREATE ROLE "{role}" LOGIN CONNECTION LIMIT 8 IN ROLE pgvpn_agent')
+                login = role(peer.name)
+                conn.execute(f'CREATE ROLE "{login}" LOGIN CONNECTION LIMIT '
+                             f'{labsize.PEER_CONNECTION_LIMIT} IN ROLE pgvpn_agent')
                 for key, value in PEER_ROLE_SETTINGS.items():
-                    conn.execute(f"ALTER ROLE \"{role}\" SET {key} = '{value}'")
+                    conn.execute(f"ALTER ROLE \"{login}\" SET {key} = '{value}'")
             if self.hardened:
                 self.add_housekeeping_role(conn)
             conn.execute("SELECT pgvpn.register_peers(%s)", ([p.name for p in self.peers],))
@@ -336,12 +340,7 @@ class Lab:
                 "--metrics-port", str(self.housekeeping_port)]
         for key, value in self.housekeeping.items():
             args += [f"--{key.replace('_', '-')}", str(value)]
-        log = open(self.housekeeping_log, "ab")  # noqa: SIM115 - handed to the child
-        proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT,
-                                stdin=subprocess.DEVNULL, start_new_session=True, cwd="/",
-                                env=dict(os.environ, PYTHONUNBUFFERED="1"))
-        log.close()
-        self.housekeeping_pid = proc.pid
+        self.housekeeping_pid = pid = spawn(args, str(self.housekeeping_log))
         self.save()
         deadline = time.monotonic() + 30
         while True:
@@ -349,102 +348,56 @@ class Lab:
                 self.housekeeping_metrics()
                 return
             except LabError:
-                if not _alive(proc.pid) or time.monotonic() > deadline:
+                if not alive(pid) or time.monotonic() > deadline:
                     raise LabError("the housekeeping service did not come up; "
                                    f"{self.housekeeping_log}:\n"
-                                   + _tail(str(self.housekeeping_log))) from None
+                                   + tail(str(self.housekeeping_log))) from None
                 time.sleep(0.1)
 
     def stop_housekeeping(self) -> None:
-        _stop(self.housekeeping_pid)
+        stop(self.housekeeping_pid)
 
     def housekeeping_metrics(self) -> dict[str, float]:
-        return _scrape(f"http://127.0.0.1:{self.housekeeping_port}/metrics",
+        return scrape(f"http://127.0.0.1:{self.housekeeping_port}/metrics",
                        "the housekeeping service")
 
     # -- agents --------------------------------------------------------------------------------
 
     def write_config(self, peer: LabPeer) -> None:
-        database = [f'dsn = "{self.dsn(_role(peer.name))}"']
-        if self.tcp:
-            database = [f'dsn = "host={peer.mgmt_host} port={self.port} dbname=pgvpn '
-                        f'user={_role(peer.name)}"', "allow_plaintext = true",
-                        'sslmode = "disable"']
-        lines = [f'peer = "{peer.name}"', f'mode = "{self.mode}"', "", "[database]", *database,
-                 "", "[tun]", f'name = "{peer.tun}"',
-                 f"mtu = {self.mtu}", f"offload = {json.dumps(self.offload)}", "",
-                 "[transport]"]
-        transport = dict(self.transport)
-        transport.setdefault("state_file", str(self.workdir / f"{peer.name}.state.json"))
-        if self.mode == "payload":
-            # the lab's database is this machine's, its roles the lab's own: nobody else listens
-            transport.setdefault("allow_payload_mode", True)
-        lines += [f"{k} = {json.dumps(v)}" for k, v in transport.items()]
-        lines += ["", "[metrics]", "enabled = true", f'address = "{peer.metrics_host}"',
-                  f"port = {METRICS_PORT}", ""]
-        if self.encrypt:
-            lines += ["[encryption]", f'keys_file = "{self.keys_file(peer)}"', ""]
-        for p in self.peers:
-            lines += ["[[peers]]", f'name = "{p.name}"',
-                      f'addresses = ["{p.ipv4}/16", "{p.ipv6}/64"]', ""]
-        Path(peer.config).write_text("\n".join(lines))
+        Path(peer.config).write_text(labconfig.agent_config(self, peer))
 
     def keys_file(self, peer: LabPeer) -> Path:
         return self.workdir / f"{peer.name}.keys"
 
     def write_keys(self) -> None:
         """One key per pair of peers, each peer's file holding the keys of its links."""
-        tables: dict[str, list[str]] = {p.name: [] for p in self.peers}
-        for i, a in enumerate(self.peers):
-            for b in self.peers[i + 1:]:
-                key = seal.new_key()
-                tables[a.name] += [f"[keys.{b.name}]", f'1 = "{key}"']
-                tables[b.name] += [f"[keys.{a.name}]", f'1 = "{key}"']
+        texts = labconfig.keys_files([p.name for p in self.peers])
         for peer in self.peers:
             path = self.keys_file(peer)
             path.touch(mode=0o600)
-            path.write_text("\n".join(tables[peer.name]) + "\n")
+            path.write_text(texts[peer.name])
 
     def add_namespaces(self) -> None:
         """Each peer's namespace, and a management veth pair into it from the root namespace
         for its metrics endpoint; labs starting side by side take turns to pick addresses."""
-        with open(MGMT_LOCK, "w") as lock:
-            fcntl.flock(lock, fcntl.LOCK_EX)
-            block = _free_mgmt_block()
+        with mgmt_block() as block:
             tag = block.network_address.packed[2]
             for i, peer in enumerate(self.peers):
                 host = block.network_address + 2 * i
                 peer.mgmt_if = f"pgvm{tag}-{i + 1}"
                 peer.mgmt_host, peer.metrics_host = str(host), str(host + 1)
-                _run(["ip", "netns", "add", peer.netns])
-                _run(["ip", "-n", peer.netns, "link", "set", "lo", "up"])
-                self.add_mgmt_link(peer)
+                add_namespace(peer.netns, peer.mgmt_if, peer.mgmt_host, peer.metrics_host)
         self.save()
-
-    def add_mgmt_link(self, peer: LabPeer) -> None:
-        _run(["ip", "link", "add", peer.mgmt_if, "type", "veth", "peer", "name", MGMT_IF,
-              "netns", peer.netns])
-        _run(["ip", "addr", "add", f"{peer.mgmt_host}/31", "dev", peer.mgmt_if])
-        _run(["ip", "link", "set", peer.mgmt_if, "up"])
-        _run(["ip", "-n", peer.netns, "addr", "add", f"{peer.metrics_host}/31", "dev", MGMT_IF])
-        _run(["ip", "-n", peer.netns, "link", "set", MGMT_IF, "up"])
 
     def start_agent(self, peer: LabPeer, env: dict[str, str] | None = None) -> None:
         """Start a peer's agent in its namespace; `env` adds to its environment (a test's
         libfaketime, say)."""
-        log = open(peer.log, "ab")  # noqa: SIM115 - handed to the child
-        env = dict(os.environ, PYTHONUNBUFFERED="1", **(env or {}))
-        proc = subprocess.Popen(
-            ["ip", "netns", "exec", peer.netns, sys.executable, "-m", "pgvpn_agent", "run",
-             "--config", peer.config],
-            stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,
-            start_new_session=True, cwd="/")
-        log.close()
-        peer.pid = proc.pid
+        peer.pid = spawn(["ip", "netns", "exec", peer.netns, sys.executable, "-m",
+                          "pgvpn_agent", "run", "--config", peer.config], peer.log, env)
         self.save()
 
     def stop_agent(self, peer: LabPeer, sig: int = signal.SIGTERM, timeout: float = 10) -> None:
-        _stop(peer.pid, sig, timeout)
+        stop(peer.pid, sig, timeout)
 
     def exec(self, peer: LabPeer, cmd: list[str],
              **kwargs: Any) -> subprocess.CompletedProcess[str]:
@@ -458,130 +411,29 @@ class Lab:
         return self.exec(src, cmd).returncode == 0
 
     def iperf(self, src: LabPeer, dst: LabPeer, seconds: float = 3, streams: int = 1,
-              reverse: bool = False) -> dict[str, Any]:
+              reverse: bool = False, bidir: bool = False) -> dict[str, Any]:
         """iperf3 TCP from src to dst through the tunnel; returns iperf3's JSON report."""
-        server = subprocess.Popen(
-            ["ip", "netns", "exec", dst.netns, "iperf3", "-s", "-1", "-B", dst.ipv4],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        try:
-            for _ in range(50):
-                if self.exec(dst, ["ss", "-ltn", f"src {dst.ipv4}:5201"]).stdout.count("LISTEN"):
-                    break
-                time.sleep(0.1)
-            cmd = ["iperf3", "-J", "-c", dst.ipv4, "-t", str(seconds), "-P", str(streams)]
-            out = self.exec(src, cmd + (["-R"] if reverse else []), timeout=seconds + 60)
-            report: dict[str, Any] = json.loads(out.stdout or "{}")
-            if out.returncode != 0 or "error" in report:
-                raise LabError(f"iperf3 failed: {report.get('error', out.stderr.strip())}")
-            return report
-        finally:
-            server.kill()
-            server.wait()
+        return labtraffic.iperf(self, src, dst, seconds=seconds, streams=streams,
+                                reverse=reverse, bidir=bidir)
 
     def agent_metrics(self, peer: LabPeer) -> dict[str, float]:
         """The agent's Prometheus samples, keyed by sample name with labels."""
-        return _scrape(peer.metrics_url, peer.name)
+        return scrape(peer.metrics_url, peer.name)
 
     def wait_mesh(self, timeout: float) -> None:
+        """Return once every peer reaches every other one, v4 and v6, both ways; in a lab of
+        more than labtraffic.FULL_CHECK peers, each peer and labtraffic.CHECKED_OTHERS random
+        others."""
         deadline = time.monotonic() + timeout
-        todo = [(a, b, v6) for a in self.peers for b in self.peers if a is not b
-                for v6 in (False, True)]
+        todo = labtraffic.mesh_checks(self.peers)
         while todo:
             for peer in self.peers:
-                if not _alive(peer.pid):
+                if not alive(peer.pid):
                     raise LabError(f"agent {peer.name} exited; see {peer.log}:\n"
-                                   + _tail(peer.log))
-            todo = [t for t in todo if not self.ping(*t)]
+                                   + tail(peer.log))
+            todo = labtraffic.unreachable(self, todo)
             if todo and time.monotonic() > deadline:
                 a, b, v6 = todo[0]
                 raise LabError(f"{a.name} cannot ping {b.name} ({'v6' if v6 else 'v4'}) after "
-                               f"{timeout:.0f}s; agent log {a.log}:\n" + _tail(a.log))
-
-
-def _scrape(url: str, what: str) -> dict[str, float]:
-    try:
-        with urllib.request.urlopen(url, timeout=5) as response:
-            text = response.read().decode()
-    except (OSError, ValueError, http.client.HTTPException) as exc:
-        raise LabError(f"cannot scrape metrics of {what}: {exc}") from exc
-    samples: dict[str, float] = {}
-    for family in text_string_to_metric_families(text):
-        for s in family.samples:
-            labels = ",".join(f'{k}="{v}"' for k, v in s.labels.items())
-            samples[f"{s.name}{{{labels}}}" if labels else s.name] = s.value
-    return samples
-
-
-def _stop(pid: int, sig: int = signal.SIGTERM, timeout: float = 10) -> None:
-    if not _alive(pid):
-        return
-    os.kill(pid, sig)
-    deadline = time.monotonic() + timeout
-    while _alive(pid) and time.monotonic() < deadline:
-        time.sleep(0.05)
-    if _alive(pid):
-        os.kill(pid, signal.SIGKILL)
-        while _alive(pid):
-            time.sleep(0.05)
-
-
-def _role(peer: str) -> str:
-    return "pgvpn_" + peer.replace("-", "_").replace(".", "_").lower()
-
-
-def _free_mgmt_block() -> ipaddress.IPv4Network:
-    """The first /23 of MGMT_SPACE that no address or interface name in the root namespace
-    uses."""
-    addrs = subprocess.run(["ip", "-4", "-o", "addr", "show"], capture_output=True,
-                           text=True).stdout
-    links = subprocess.run(["ip", "-o", "link", "show"], capture_output=True, text=True).stdout
-    used = {ipaddress.ip_address(a) for a in re.findall(r"inet ([0-9.]+)/", addrs)}
-    names = set(re.findall(r"^\d+: (pgvm\d+)-", links, re.MULTILINE))
-    for third in range(MGMT_FIRST_OCTET, 256, 2):
-        block = ipaddress.IPv4Network(f"169.254.{third}.0/23")
-        # 169.254.169.254 is the cloud metadata address: never shadow it
-        if third != 168 and f"pgvm{third}" not in names and not any(a in block for a in used):
-            return block
-    raise LabError(f"no free /23 left in {MGMT_SPACE} for the management links")
-
-
-def _pg_bin() -> str:
-    for candidate in PG_BIN_CANDIDATES:
-        if os.path.exists(f"{candidate}/initdb"):
-            return candidate
-    raise LabError("PostgreSQL server binaries not found: apt-get install postgresql")
-
-
-def _alive(pid: int) -> bool:
-    if pid <= 0:
-        return False
-    try:
-        done, _ = os.waitpid(pid, os.WNOHANG)
-    except ChildProcessError:
-        done = 0
-        try:
-            os.kill(pid, 0)
-        except ProcessLookupError:
-            return False
-        return _state(pid) != "Z"
-    return done == 0
-
-
-def _state(pid: int) -> str:
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except (OSError, IndexError):
-        return "Z"
-
-
-def _tail(path: str, lines: int = 30) -> str:
-    try:
-        return "\n".join(Path(path).read_text(errors="replace").splitlines()[-lines:])
-    except OSError:
-        return "(no log)"
-
-
-def _run(cmd: list[str], check: bool = True) -> None:
-    proc = subprocess.run(cmd, capture_output=True, text=True)
-    if check and proc.returncode != 0:
-        raise LabError(f"{' '.join(cmd)} failed: {proc.stderr.strip()}")
+                               f"{timeout:.0f}s ({len(todo)} of the checked paths fail); agent "
+                               f"log {a.log}:\n" + tail(a.log))
