@@ -23,6 +23,11 @@ from pgvpn_agent.routing import RouteTable, RoutingError, SourceFilter
 MODES = ("logged", "trigger", "payload")
 ON_DISK_FULL = ("drop_new", "drop_oldest")
 # libpq's sslmode values, weakest first; only verify-full authenticates the server by name.
+# When a batch's receivers are woken: by a second transaction after its commit that writes no
+# row (no WAL flush to wait for: the notification lock held for microseconds), or by a NOTIFY
+# inside it (the lock held through the WAL flush and the standby's confirmation: one notifying
+# commit at a time in the whole cluster). Migration 0013.
+WAKES = ("after_commit", "in_commit")
 SSLMODES = ("disable", "allow", "prefer", "require", "verify-ca", "verify-full")
 _TLS_KEYS = ("sslmode", "sslrootcert", "sslcert", "sslkey")
 PEER_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,49}$")
@@ -125,6 +130,7 @@ class Transport:
     # Where the sender keeps the last sequence number it saw committed per link (highwater.py);
     # None: in memory only.
     state_file: Path | None = None
+    wake: str = "after_commit"
 
 
 @dataclass(frozen=True)
@@ -230,7 +236,7 @@ def parse(raw: dict[str, Any]) -> Config:
     _known(tr_raw, "transport.",
            {"batch_max", "queue_max", "max_age", "poll_interval", "fetch_max", "coalesce",
             "save_delay", "allow_payload_mode", "rate_limit_packets", "rate_limit_bytes",
-            "rate_limit_burst", "state_file"})
+            "rate_limit_burst", "state_file", "wake"})
     transport = Transport(
         batch_max=_int(tr_raw, "transport.", "batch_max", 256, lo=1, hi=10_000),
         queue_max=_int(tr_raw, "transport.", "queue_max", 8192, lo=1, hi=10_000_000),
@@ -246,7 +252,10 @@ def parse(raw: dict[str, Any]) -> Config:
         rate_limit_burst=_num(tr_raw, "transport.", "rate_limit_burst", 1.0, lo=0.01, hi=60),
         state_file=(Path(tr_raw["state_file"]) if _str(tr_raw, "transport.", "state_file")
                     else None),
+        wake=_str(tr_raw, "transport.", "wake") or "after_commit",
     )
+    if transport.wake not in WAKES:
+        raise ConfigError(f"transport.wake: {transport.wake!r} is not one of {', '.join(WAKES)}")
     if mode == "payload" and not transport.allow_payload_mode:
         raise ConfigError(
             "mode: \"payload\" sends every packet inside a NOTIFY payload, and PostgreSQL does "

@@ -33,6 +33,7 @@ UNNOTIFIED_FOR = 10.0
 RELINK_EVERY = 5.0
 
 SEND_BATCH = "SELECT pgvpn.send_batch(%b::int2, " + ", ".join(["%b"] * 19) + ")"
+WAKE = "SELECT pgvpn.wake(%b, %b)"
 
 Captured = payload.Captured
 # With TUN offload a packet can be a 64 KB burst: batches and the queue are bounded in bytes too,
@@ -82,6 +83,8 @@ class Sender(LinkRecovery):
         self.links_read_at = 0.0
         self.connected_once = False
         self.notify = config.mode == "logged"
+        # NOTIFY inside the batch's transaction, or in one of its own after it (migration 0013)
+        self.wake_in_commit = config.transport.wake == "in_commit"
         self._send = self._send_payloads if config.mode == "payload" else self._send_rows
 
     def run(self) -> None:
@@ -223,7 +226,8 @@ class Sender(LinkRecovery):
         return True
 
     def _queue_full(self, exc: psycopg.Error) -> bool:
-        """The NOTIFY queue is full: the batch rolled back whole; send it again unnotified.
+        """The NOTIFY queue is full: a batch notified in its commit rolled back whole (send it
+        again unnotified); a wake-up after the commit failed alone.
 
         Anyone may NOTIFY, and a listener that stops reading pins the cluster's queue until it
         fills (docs/security.md): delivery must not depend on it, so batches go without a
@@ -320,9 +324,10 @@ class Sender(LinkRecovery):
         links = sorted(counts)
         with self.delivered.carry() as cursors:
             carried = sorted(cursors)
+            wake = self.notify and time.monotonic() >= self.notify_again_at
             params = (
                 ids[self.config.peer],
-                self.notify and time.monotonic() >= self.notify_again_at,
+                wake and self.wake_in_commit,
                 wire.fixed("int2", links),
                 wire.fixed("int8", [self.tx_seq[d] + 1 for d in links]),
                 wire.fixed("int8", [next_seq[d] for d in links]),
@@ -349,7 +354,10 @@ class Sender(LinkRecovery):
                 faults.reached("sender.in_commit")
             started = time.perf_counter()
             self.in_flight = {d: (self.tx_seq[d] + 1, next_seq[d]) for d in links}
-            self.conn.execute(SEND_BATCH, params, prepare=True)
+            if wake and not self.wake_in_commit:
+                self._send_and_wake(params, links, [next_seq[d] for d in links])
+            else:
+                self.conn.execute(SEND_BATCH, params, prepare=True)
             self.in_flight = {}
         if self.replay:
             self.replay = {}
@@ -367,6 +375,28 @@ class Sender(LinkRecovery):
             seen(names[d], next_seq[d])
         metrics.ROWS.inc(len(r_dst))
         self._count(counts, len(r_dst))
+
+    def _send_and_wake(self, params: tuple[object, ...], links: list[int],
+                       lasts: list[int]) -> None:
+        """send_batch(), then the receivers' wake-up in a transaction of its own (migration
+        0013): a second statement, once the batch is committed.
+
+        Its failure does not fail the batch, which is logged: it costs the receivers at most
+        one poll interval, and is counted. (Pipelining the two statements would save the
+        round trip; psycopg 3.3's pipeline hung the sender under load, waiting in sync()
+        for results the server had sent.)
+        """
+        conn = self.conn
+        assert conn is not None
+        conn.execute(SEND_BATCH, params, prepare=True)
+        try:
+            conn.execute(WAKE, (wire.fixed("int2", links), wire.fixed("int8", lasts)),
+                         prepare=True)
+        except psycopg.Error as exc:
+            if not self._queue_full(exc):
+                metrics.UNNOTIFIED.inc()
+                log.warning("sender: could not wake the receivers of a logged batch (%s); they "
+                            "find it at their next poll", db.describe(exc))
 
     def _send_payloads(self, batch: list[Captured]) -> None:
         """Payload mode (payload.py): nothing is logged."""

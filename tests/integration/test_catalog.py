@@ -46,6 +46,8 @@ FUNCTIONS = {
     "pgvpn.my_channel()": definer(AGENT),
     "pgvpn.lock_peer(smallint,text)": definer(AGENT),
     SEND_BATCH: definer(AGENT),
+    # the receivers of the caller's own links, up to what it committed, after the batch
+    "pgvpn.wake(smallint[],bigint[])": definer(AGENT),
     # after a database lost commits: the caller's own links, forward only (highwater.py)
     "pgvpn.advance_link(smallint,bigint)": definer(AGENT),
     # the server's timeline (a failover changes it), not the WAL position behind it (sender.py)
