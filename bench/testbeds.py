@@ -1,4 +1,5 @@
-"""What each variant runs on: a `pgvpn lab`, OpenVPN between two namespaces, or a bare veth pair.
+"""What each variant runs on: a `pgvpn lab`, the seed's Go program on a lab without agents,
+OpenVPN between two namespaces, or a bare veth pair.
 
 Every testbed is a `Lab` whose first two peers are the tunnel's ends, so that pings and iperf3
 go through the same code whatever carries them; the baselines use the lab's namespaces and its
@@ -15,6 +16,8 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
+from bench import seed_go
+from bench.usage import LOG_POSITION
 from pgvpn_agent.lab import Lab, LabError
 
 # The baselines' underlay between the two namespaces; tunnel addresses stay the lab's 10.77/16.
@@ -27,7 +30,7 @@ OPENVPN_PORT = 1194
 class Variant:
     key: str
     name: str
-    kind: str = "pgvpn"  # pgvpn | openvpn | veth
+    kind: str = "pgvpn"  # pgvpn | seed-go | openvpn | veth
     mode: str = "logged"
     batch_max: int | None = None
     mtu: int = 1500
@@ -38,8 +41,9 @@ class Variant:
 @dataclass
 class Testbed:
     lab: Lab
-    tunnel_pids: list[int]  # the processes that carry the packets: agents or OpenVPN
+    tunnel_pids: list[int]  # the processes that carry the packets: agents, seed-go or OpenVPN
     postmaster: int | None = None
+    log_position: str = LOG_POSITION  # the query of bench.usage.LogPosition for this log
 
 
 @contextmanager
@@ -47,22 +51,29 @@ def testbed(variant: Variant, workdir: Path, prefix: str, port: int) -> Iterator
     """Bring a variant up in fresh namespaces, and everything down afterwards, pass or fail."""
     lab = Lab.create(workdir, prefix=prefix, port=port, mode=variant.mode,
                      batch_max=variant.batch_max, mtu=variant.mtu, offload=variant.offload)
-    openvpn: list[subprocess.Popen[bytes]] = []
+    procs: list[subprocess.Popen[bytes]] = []
     try:
         if variant.kind == "pgvpn":
             lab.up()
             yield Testbed(lab, [p.pid for p in lab.peers], lab.postmaster_pid())
+            return
+        if variant.kind == "seed-go":
+            lab.up(agents=False)
+            procs = seed_go.start(lab)
+            _wait_ping(lab, procs, "seed-go")
+            yield Testbed(lab, [p.pid for p in procs], lab.postmaster_pid(),
+                          seed_go.LOG_POSITION)
             return
         lab.add_namespaces()
         if variant.kind == "veth":
             _veth_pair(lab, [f"{p.ipv4}/24" for p in lab.peers[:2]])
         else:
             _veth_pair(lab, [f"{a}/30" for a in UNDERLAY])
-            openvpn = _start_openvpn(lab, variant.cipher)
-        _wait_ping(lab, openvpn)
-        yield Testbed(lab, [p.pid for p in openvpn])
+            procs = _start_openvpn(lab, variant.cipher)
+        _wait_ping(lab, procs, "openvpn")
+        yield Testbed(lab, [p.pid for p in procs])
     finally:
-        for proc in openvpn:
+        for proc in procs:
             proc.terminate()
             proc.wait(timeout=10)
         lab.down()
@@ -118,13 +129,14 @@ def _certificate(workdir: Path, name: str) -> str:
     return out.strip().split("=", 1)[1]
 
 
-def _wait_ping(lab: Lab, procs: list[subprocess.Popen[bytes]], timeout: float = 30) -> None:
+def _wait_ping(lab: Lab, procs: list[subprocess.Popen[bytes]], what: str,
+               timeout: float = 30) -> None:
     a, b = lab.peers[:2]
     deadline = time.monotonic() + timeout
     while not lab.ping(a, b):
         dead = [p for p in procs if p.poll() is not None]
         if dead or time.monotonic() > deadline:
-            log = lab.workdir / f"{a.name}-openvpn.log"
+            log = lab.workdir / f"{a.name}-{what}.log"
             tail = log.read_text(errors="replace")[-2000:] if log.exists() else ""
             raise LabError(f"{a.name} cannot ping {b.name} over the baseline\n{tail}")
 

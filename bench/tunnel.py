@@ -2,12 +2,13 @@
 
 Variants run round-robin (rep 1 of every variant, then rep 2 ...) so that the noise of a shared
 machine hits them alike; results are reported as min/median/max and as ratios to the seed's v2
-algorithm measured in the same run.
+algorithm measured in the same run: the Go program of `seed-go` when it runs, else `seed-v2`.
 """
 
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import re
 import sys
@@ -16,7 +17,7 @@ import threading
 import time
 from pathlib import Path
 
-from bench import report
+from bench import report, seed_go
 from bench.report import Result, Sample
 from bench.testbeds import Testbed, Variant, testbed
 from bench.usage import CpuTimes, LogPosition, peak_rss_mb
@@ -25,6 +26,7 @@ from pgvpn_agent.lab import Lab, LabError
 RESULTS = Path(__file__).with_name("results")
 
 VARIANTS = (
+    Variant("seed-go", "seed v2 in Go: the original design", kind="seed-go", offload=False),
     Variant("seed-v1", "seed v1: trigger, batch 1", mode="trigger", batch_max=1, offload=False),
     Variant("seed-v2", "seed v2: logged, batch 1", mode="logged", batch_max=1, offload=False),
     Variant("payload", "seed cheat: payload", mode="payload", offload=False),
@@ -35,13 +37,26 @@ VARIANTS = (
     Variant("openvpn-none", "OpenVPN 2.6, cipher none", kind="openvpn", cipher="none"),
     Variant("veth", "veth pair, no tunnel", kind="veth"),
 )
+IDLE_PINGS = 50
+# The server settings that decide what a commit promises, recorded with every sample.
+DURABILITY = ("synchronous_commit", "fsync", "full_page_writes", "wal_sync_method")
 
 
-def ping_ms(lab: Lab, count: int) -> float | None:
+def ping_ms(lab: Lab, count: int) -> list[float]:
+    """Round trips peer1 -> peer2, one per reply."""
     a, b = lab.peers[:2]
-    out = lab.exec(a, ["ping", "-n", "-q", "-c", str(count), "-i", "0.05", "-W", "2", b.ipv4])
-    match = re.search(r"= [\d.]+/([\d.]+)/", out.stdout)
-    return float(match.group(1)) if match else None
+    out = lab.exec(a, ["ping", "-n", "-c", str(count), "-i", "0.05", "-W", "2", b.ipv4])
+    return [float(t) for t in re.findall(r" time=([\d.]+) ms", out.stdout)]
+
+
+def percentile(values: list[float], q: float) -> float | None:
+    """Nearest rank: the smallest value with at least q of the values at or below it."""
+    ordered = sorted(values)
+    return ordered[max(0, math.ceil(q * len(ordered)) - 1)] if ordered else None
+
+
+def mean(values: list[float]) -> float | None:
+    return sum(values) / len(values) if values else None
 
 
 def measure(variant: Variant, seconds: float) -> Sample:
@@ -51,22 +66,33 @@ def measure(variant: Variant, seconds: float) -> Sample:
     workdir.chmod(0o755)
     pid = os.getpid()
     with testbed(variant, workdir, prefix=f"pgvb{pid}-", port=57000 + pid % 1000) as bed:
-        idle = ping_ms(bed.lab, 20)
+        idle = ping_ms(bed.lab, IDLE_PINGS)
         return _under_load(bed, seconds, idle)
 
 
-def _under_load(bed: Testbed, seconds: float, idle: float | None) -> Sample:
+def durability(lab: Lab) -> dict[str, str]:
+    rows = lab.psql("SELECT name, setting FROM pg_settings WHERE name IN "
+                    f"({', '.join(repr(n) for n in DURABILITY)}) ORDER BY name")
+    return dict(line.split("|", 1) for line in rows.splitlines())
+
+
+def _log_position(bed: Testbed) -> LogPosition:
+    wal, rows, size = bed.lab.psql(bed.log_position).split("|")
+    return LogPosition(int(wal), int(rows), int(size))
+
+
+def _under_load(bed: Testbed, seconds: float, idle: list[float]) -> Sample:
     lab = bed.lab
     logged = bed.postmaster is not None
-    log0 = LogPosition.of(lab) if logged else None
+    log0 = _log_position(bed) if logged else None
     cpu0 = CpuTimes.of(bed.tunnel_pids, bed.postmaster)
-    loaded: list[float | None] = []
-    pinger = threading.Thread(target=lambda: loaded.append(ping_ms(lab, int(seconds * 10))))
+    loaded: list[float] = []
+    pinger = threading.Thread(target=lambda: loaded.extend(ping_ms(lab, int(seconds * 10))))
     pinger.start()
     iperf = lab.iperf(lab.peers[0], lab.peers[1], seconds=seconds)
     pinger.join()
     cpu1 = CpuTimes.of(bed.tunnel_pids, bed.postmaster)
-    log1 = LogPosition.of(lab) if logged else None
+    log1 = _log_position(bed) if logged else None
     received = iperf["end"]["sum_received"]
     payload = int(received["bytes"])
     mb = payload / 1e6
@@ -79,12 +105,15 @@ def _under_load(bed: Testbed, seconds: float, idle: float | None) -> Sample:
         growth = (log1.wal_bytes - log0.wal_bytes + log1.table_bytes - log0.table_bytes) / payload
     return Sample(
         mbits=received["bits_per_second"] / 1e6, payload_bytes=payload,
-        rtt_idle_ms=idle, rtt_load_ms=loaded[0],
+        rtt_idle_ms=mean(idle), rtt_idle_p50_ms=percentile(idle, 0.5),
+        rtt_idle_p99_ms=percentile(idle, 0.99), rtt_load_ms=mean(loaded),
+        rtt_load_p50_ms=percentile(loaded, 0.5), rtt_load_p99_ms=percentile(loaded, 0.99),
         rows=log1.rows - log0.rows if log0 and log1 else 0,
         log_bytes_per_byte=growth,
         tunnel_cpu_s_per_mb=per_mb(cpu0.tunnel, cpu1.tunnel) if bed.tunnel_pids else None,
         postgres_cpu_s_per_mb=per_mb(cpu0.postgres, cpu1.postgres),
-        peak_rss_mb=max((peak_rss_mb(p) for p in bed.tunnel_pids), default=None))
+        peak_rss_mb=max((peak_rss_mb(p) for p in bed.tunnel_pids), default=None),
+        durability=durability(lab) if logged else {})
 
 
 class Progress:
@@ -123,12 +152,17 @@ class Progress:
 
 def run(variants: tuple[Variant, ...], reps: int, seconds: float) -> list[Result]:
     results = [Result(v) for v in variants]
+    if any(v.kind == "seed-go" for v in variants):
+        seed_go.binary()  # a failed build stops the run before it starts
     progress = Progress(reps * len(variants))
     try:
         for rep in range(1, reps + 1):
             for result in results:
                 progress.step(result.variant, rep, reps)
-                result.samples.append(measure(result.variant, seconds))
+                try:
+                    result.samples.append(measure(result.variant, seconds))
+                except LabError as exc:
+                    raise LabError(f"{result.variant.key}, rep {rep}: {exc}") from exc
     finally:
         progress.close()
     return results

@@ -19,10 +19,13 @@ pytestmark = [
                        reason="the OpenVPN baseline needs `openvpn` (run scripts/bootstrap)"),
 ]
 
-VARIANTS = ["seed-v2", "logged", "openvpn-aes", "veth"]
+VARIANTS = ["seed-go", "seed-v2", "logged", "openvpn-aes", "veth"]
+DURABILITY = {"synchronous_commit", "fsync", "full_page_writes", "wal_sync_method"}
 
 
 def test_quick_bench_writes_table_json_and_chart(tmp_path):
+    """Including `seed-go`: the seed's Go program builds (from Debian's packages, installed if
+    missing), carries the traffic, logs its rows, and becomes the ratios' baseline."""
     proc = subprocess.run(
         [sys.executable, "-m", "pgvpn_agent", "bench", "--quick", "--seconds", "1",
          "--only", *VARIANTS, "--out", str(tmp_path)],
@@ -33,18 +36,25 @@ def test_quick_bench_writes_table_json_and_chart(tmp_path):
 
     report = json.loads(js[0].read_text())
     assert [r["variant"]["key"] for r in report["results"]] == VARIANTS
+    assert report["seed"] == "seed-go" and report["results"][0]["x_seed"] == 1.0
     for result in report["results"]:
         (sample,) = result["samples"]
         assert sample["mbits"] > 0 and sample["payload_bytes"] > 0, result
-        if result["variant"]["kind"] == "pgvpn":
+        assert sample["rtt_idle_p50_ms"] <= sample["rtt_idle_p99_ms"], result
+        assert sample["rtt_load_p50_ms"] <= sample["rtt_load_p99_ms"], result
+        if result["variant"]["kind"] in ("pgvpn", "seed-go"):
             assert sample["rows"] > 0 and sample["log_bytes_per_byte"] > 0, result
             assert sample["postgres_cpu_s_per_mb"] > 0 and sample["peak_rss_mb"] > 0, result
+            assert set(sample["durability"]) == DURABILITY, result
+            assert sample["durability"]["synchronous_commit"] == "on", result
         if result["variant"]["kind"] != "veth":
             assert sample["tunnel_cpu_s_per_mb"] > 0, result
 
     table = md[0].read_text()
     for result in report["results"]:
         assert f"| {result['variant']['name']} |" in table
+    assert "| x seed-go |" in table and "- PostgreSQL durability (every logged sample): " \
+        "fsync = on, full_page_writes = on, synchronous_commit = on, wal_sync_method = " in table
     assert png[0].read_bytes().startswith(b"\x89PNG\r\n\x1a\n")
     assert str(png[0]) in proc.stderr, "the output paths are printed at the end"
 
@@ -69,3 +79,41 @@ def test_short_soak_writes_table_json_and_chart(tmp_path):
         "watchdog ended it"]
     assert "| transaction ids |" in md[0].read_text()
     assert png[0].read_bytes().startswith(b"\x89PNG\r\n\x1a\n")
+
+
+def test_short_mesh_writes_table_json_and_chart(tmp_path):
+    """`pgvpn bench mesh`: the references and a 4-peer mesh side by side, every window
+    sampled (CPU by process group, commits, wake-ups, waits), the targets as ratios."""
+    proc = subprocess.run(
+        [sys.executable, "-m", "pgvpn_agent", "bench", "mesh", "--peers", "4", "--seconds", "1",
+         "--idle", "1", "--out", str(tmp_path)], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    md, js, png = (sorted(tmp_path.glob(f"mesh-*.{ext}")) for ext in ("md", "json", "png"))
+    assert len(md) == len(js) == len(png) == 1, list(tmp_path.iterdir())
+    report = json.loads(js[0].read_text())
+    by_phase = {s["phase"]: s for s in report["samples"]}
+    assert list(by_phase) == ["one-flow", "eight-flows", "bidir", "idle", "mesh-one-pair",
+                              "mesh", "mesh-bidir"]
+    assert len(by_phase["mesh"]["pairs"]) == len(by_phase["mesh-bidir"]["pairs"]) == 2
+    assert all(p["mbits_reverse"] is not None for p in by_phase["mesh-bidir"]["pairs"])
+    for phase, sample in by_phase.items():
+        usage = sample["usage"]
+        assert usage["cpu_s"]["agents"] >= 0 and usage["seconds"] > 0, phase
+        assert usage["backends"]["backends tx"] == usage["backends"]["backends rx"] \
+            == sample["peers"], phase
+        if phase == "idle":
+            assert sample["rtt_idle_ms"] and not sample["pairs"]
+            assert usage["memory_mb"]["agents RSS"] > 0
+            assert usage["memory_mb"]["backends rx PSS"] > 0
+        else:
+            assert all(p["mbits"] > 0 for p in sample["pairs"]), phase
+            assert usage["cpu_s"]["agents"] > 0 and usage["cpu_s"]["backends tx"] > 0, phase
+            assert usage["counters"]["commits"] > 0 and usage["counters"]["wal_syncs"] > 0
+            assert usage["counters"]["batches"] > 0 and usage["waits"]["backends tx"]
+    assert [t["needed"] for t in report["targets"]] == [0.8, 0.5, 1.0, 1.0, 0.4, 1.0]
+    assert all(t["measured"] is not None for t in report["targets"])
+    table = md[0].read_text()
+    assert "| mesh aggregate ≥ 0.8x one pair (2-peer lab) |" in table
+    assert "| idle, 4 peers | per peer | total |" in table
+    assert png[0].read_bytes().startswith(b"\x89PNG\r\n\x1a\n")
+    assert str(png[0]) in proc.stderr, "the output paths are printed at the end"
