@@ -1,8 +1,8 @@
 """The wake-up after the commit (schema v13): honest, and off the cluster's notification lock.
 
 A peer's login may wake only the receivers of its own links, only up to what it committed;
-the wake-up's commit does not wait for a WAL flush, which is the point of it; and a lab in the
-default mode carries traffic with it, the receivers woken by notifications, not polls.
+the wake-up's commit does not wait for a WAL flush, which is the point of it; and a lab carries
+traffic with either `transport.wake`, the receivers woken by notifications, not polls.
 """
 
 from __future__ import annotations
@@ -66,8 +66,9 @@ def test_a_peer_wakes_only_its_own_links_up_to_what_they_hold(make_lab):
             stranger.execute(wake, ([p2], [5]))
 
 
-def test_receivers_are_woken_after_the_commit(make_lab):
-    lab = make_lab(peers=2)
+@pytest.mark.parametrize("wake", ["after_commit", "in_commit"])
+def test_receivers_are_woken_by_notifications(make_lab, wake):
+    lab = make_lab(peers=2, transport={"wake": wake})
     a, b = lab.peers
     assert lab.ping(a, b, count=20)
     for peer in (a, b):
