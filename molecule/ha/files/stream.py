@@ -29,17 +29,22 @@ def send(args: argparse.Namespace) -> None:
     padding = b"\0" * max(0, args.size - HEADER.size)
     interval = 1.0 / args.rate
     start = time.time()
-    seq = 0
+    seq = unroutable = 0
     next_at = start
     while time.time() - start < args.seconds:
         seq += 1
-        sock.sendto(HEADER.pack(seq, time.time()) + padding, (args.host, args.port))
+        try:
+            sock.sendto(HEADER.pack(seq, time.time()) + padding, (args.host, args.port))
+        except OSError:
+            # No route while the agent restarts (its TUN device and routes go with it): the
+            # datagram is numbered and counts as lost, as one the tunnel dropped.
+            unroutable += 1
         next_at += interval
         delay = next_at - time.time()
         if delay > 0:
             time.sleep(delay)
     with open(args.out, "w") as f:
-        json.dump({"sent": seq, "start": start, "end": time.time()}, f)
+        json.dump({"sent": seq, "unroutable": unroutable, "start": start, "end": time.time()}, f)
 
 
 def recv(args: argparse.Namespace) -> None:
@@ -104,6 +109,7 @@ def analyze(args: argparse.Namespace) -> None:
         "repeated": repeated,
         "out_of_order": out_of_order,
         "lost": sent["sent"] - len(seen),
+        "unroutable": sent.get("unroutable", 0),
         "longest_silence_s": round(longest[0], 3),
         "outage_s": round(outage[0], 3),
         "fault_to_first_new_s": round(outage[2] - fault, 3) if outage[2] else None,
