@@ -21,6 +21,7 @@ from pgvpn_agent.config import Database, Retention
 from pgvpn_agent.housekeeping import Housekeeping
 from pgvpn_agent.lab import HOUSEKEEPING_ROLE
 from tests.integration.stream import eventually
+from tests.integration.test_retention import old_partition
 
 pytestmark = pytest.mark.integration
 
@@ -32,13 +33,7 @@ def closed_day(lab, day: str, rows: int) -> str:
     """A past day as its own day left it: filled by the senders, vacuumed by autovacuum (all
     pages all-visible, no row frozen: vacuum_freeze_min_age is 50M)."""
     name = "packet_" + day.replace("-", "")
-    lab.psql(f"SET ROLE pgvpn_owner; CREATE TABLE pgvpn.{name} PARTITION OF pgvpn.packet FOR "
-             f"VALUES FROM ('{day} 00:00+00') TO (('{day}'::date + 1)::timestamp AT TIME ZONE "
-             "'UTC')")
-    lab.psql(f"INSERT INTO pgvpn.packet (src_peer, dst_peer, seq, sent_at, logged_at, ip_version, "
-             f"src_addr, dst_addr, protocol, length, payload) SELECT 1, 2, -g, "
-             f"'{day} 12:00+00', '{day} 12:00+00', 4, '10.77.0.1', '10.77.0.2', 17, 1000, "
-             f"decode(repeat('ab', 1000), 'hex') FROM generate_series(1, {rows}) g")
+    old_partition(lab, day, rows)
     lab.psql(f"VACUUM pgvpn.{name}")
     return name
 

@@ -15,6 +15,9 @@ each way is printed. (molecule/ha does the same under Patroni on machines of the
 from __future__ import annotations
 
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
 
 import pytest
 
@@ -25,13 +28,25 @@ from tests.integration.standby import Standby, with_standby
 pytestmark = pytest.mark.integration
 
 
-def test_agents_follow_a_failover_to_the_synchronous_standby(make_lab):
+@contextmanager
+def failover_lab(make_lab: Any, port: int) -> Iterator[tuple[Lab, Standby, Pump, Pump]]:
+    """Two agents whose dsn names the lab's cluster and its synchronous standby, numbered
+    datagrams both ways (ports `port` and `port` + 1); the standby stopped at the end."""
     lab = make_lab(peers=2, agents=False, transport={"max_age": 300.0})
     a, b = lab.peers
     standby = Standby(lab)
     try:
         with_standby(lab, standby)
-        ab, ba = Pump(lab, a, b, port=7501, every=0.01), Pump(lab, b, a, port=7502, every=0.01)
+        yield lab, standby, Pump(lab, a, b, port=port, every=0.01), Pump(lab, b, a,
+                                                                          port=port + 1,
+                                                                          every=0.01)
+    finally:
+        standby.stop()
+
+
+def test_agents_follow_a_failover_to_the_synchronous_standby(make_lab):
+    with failover_lab(make_lab, 7501) as (lab, standby, ab, ba):
+        a, b = lab.peers
         time.sleep(2.0)
         failed = time.monotonic()
         lab.stop_postgres("immediate")
@@ -60,8 +75,6 @@ def test_agents_follow_a_failover_to_the_synchronous_standby(make_lab):
               f"new datagram {back[0] - failed:.2f}s (a->b), {back[1] - failed:.2f}s (b->a) "
               f"after it; a->b: {report[0]}; b->a: {report[1]}")
         assert lab.ping(a, b) and lab.ping(b, a, v6=True)
-    finally:
-        standby.stop()
 
 
 def test_commits_only_the_old_primary_had_arrive_once(make_lab):
@@ -71,12 +84,8 @@ def test_commits_only_the_old_primary_had_arrive_once(make_lab):
     them. A batch the sender never saw committed is sent again with its own sequence numbers
     (a receiver that read it on the old primary skips it); one it saw committed is gone from
     its memory, so its link moves past it. Either way: nothing delivered twice, in order."""
-    lab = make_lab(peers=2, agents=False, transport={"max_age": 300.0})
-    a, b = lab.peers
-    standby = Standby(lab)
-    try:
-        with_standby(lab, standby)
-        ab, ba = Pump(lab, a, b, port=7511, every=0.01), Pump(lab, b, a, port=7512, every=0.01)
+    with failover_lab(make_lab, 7511) as (lab, standby, ab, ba):
+        a, b = lab.peers
         time.sleep(1.0)
         standby.stop("fast")  # commits now wait for it
         time.sleep(0.5)
@@ -119,8 +128,6 @@ def test_commits_only_the_old_primary_had_arrive_once(make_lab):
         if skipped_past:
             assert skipped >= 1 and int(lab.psql(
                 "SELECT count(*) FROM pgvpn.link_advance")) >= 1, "no sender moved past them"
-    finally:
-        standby.stop()
 
 
 def _logged_after_start(lab: Lab, port: int) -> list[int]:

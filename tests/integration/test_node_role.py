@@ -13,13 +13,12 @@ from __future__ import annotations
 import subprocess
 import sys
 import time
-import urllib.request
 from collections.abc import Iterator
 from contextlib import contextmanager
 
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
 
+from pgvpn_agent import labhost
 from pgvpn_agent.lab import HOUSEKEEPING_ROLE
 from tests.integration.standby import Standby
 from tests.integration.stream import eventually
@@ -29,15 +28,7 @@ pytestmark = pytest.mark.integration
 
 
 def scrape(port: int) -> dict[str, float]:
-    """Every sample of an exporter, keyed `name` or `name{label="value",...}` (sorted labels)."""
-    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as r:
-        text = r.read().decode()
-    out: dict[str, float] = {}
-    for family in text_string_to_metric_families(text):
-        for s in family.samples:
-            labels = ",".join(f'{k}="{v}"' for k, v in sorted(s.labels.items()))
-            out[f"{s.name}{{{labels}}}" if labels else s.name] = s.value
-    return out
+    return labhost.scrape(f"http://127.0.0.1:{port}/metrics", f"port {port}")
 
 
 @contextmanager
@@ -58,7 +49,7 @@ def _answers(proc: subprocess.Popen[bytes], port: int) -> None:
     assert proc.poll() is None, f"exited with {proc.returncode}"
     try:
         scrape(port)
-    except OSError as exc:
+    except labhost.LabError as exc:
         raise AssertionError(str(exc)) from None
 
 
