@@ -36,6 +36,7 @@ class Variant:
     mtu: int = 1500
     offload: bool = True
     cipher: str = ""
+    encrypt: bool = False  # pgvpn: payloads sealed with the pair's key (encryption at rest)
 
 
 @dataclass
@@ -50,7 +51,8 @@ class Testbed:
 def testbed(variant: Variant, workdir: Path, prefix: str, port: int) -> Iterator[Testbed]:
     """Bring a variant up in fresh namespaces, and everything down afterwards, pass or fail."""
     lab = Lab.create(workdir, prefix=prefix, port=port, mode=variant.mode,
-                     batch_max=variant.batch_max, mtu=variant.mtu, offload=variant.offload)
+                     batch_max=variant.batch_max, mtu=variant.mtu, offload=variant.offload,
+                     encrypt=variant.encrypt)
     procs: list[subprocess.Popen[bytes]] = []
     try:
         if variant.kind == "pgvpn":

@@ -31,6 +31,7 @@ VARIANTS = (
     Variant("seed-v2", "seed v2: logged, batch 1", mode="logged", batch_max=1, offload=False),
     Variant("payload", "seed cheat: payload", mode="payload", offload=False),
     Variant("logged", "pgvpn logged"),
+    Variant("logged-sealed", "pgvpn logged, sealed payloads", encrypt=True),
     Variant("logged-packets", "pgvpn logged, no TUN offload", offload=False),
     Variant("logged-9000", "pgvpn logged, MTU 9000", mtu=9000),
     Variant("openvpn-aes", "OpenVPN 2.6, AES-256-GCM", kind="openvpn", cipher="AES-256-GCM"),

@@ -139,10 +139,17 @@ FETCH_SECONDS = Histogram("pgvpn_fetch_duration_seconds", "Wall time of one fetc
 DELIVERY_SECONDS = BatchHistogram(
     "pgvpn_delivery_latency_seconds", "Per packet, from its commit in the log to the write to "
     "this receiver's TUN: the row's age by the database's clock (logged_at) when fetched, plus "
-    "this host's time to write the page. No two hosts' clocks are compared.", _DELIVERY_BUCKETS)
+    "this host's time to write the page. No two hosts' clocks are compared. Packets carried "
+    "by their notification (pgvpn_carried_packets_total) are not in it.", _DELIVERY_BUCKETS)
 WAKEUPS = Counter("pgvpn_receiver_wakeups", "Receiver wake-ups, by cause: notify (a "
                   "notification arrived) or poll (transport.poll_interval passed without one).",
                   ["cause"])
+CARRIED = Counter("pgvpn_carried_packets", "Packets delivered from the notification of their "
+                  "batch, without a fetch (small sealed batches, schema v14); the table was "
+                  "read for every other one.")
+CARRIED_REFUSED = Counter("pgvpn_carried_refused", "Notifications whose carried rows did not "
+                          "open with the pair's key (not written by send_batch(), or keys "
+                          "that differ): nothing of them was delivered, the table was read.")
 CURSOR_SAVES = Counter("pgvpn_cursor_saves", "Commits of this agent's receiver cursors, by who "
                        "made them: sender (carried by a batch of packets going back, no "
                        "transaction of their own) or receiver (none went back within "

@@ -15,7 +15,7 @@ import time
 import psycopg
 from psycopg import sql
 
-from pgvpn_agent import db, faults, metrics, seal, tun
+from pgvpn_agent import carried, db, faults, metrics, seal, tun
 from pgvpn_agent.config import Config
 from pgvpn_agent.delivered import Delivered
 from pgvpn_agent.highwater import ExitCursors
@@ -23,6 +23,8 @@ from pgvpn_agent.payload import deliver as deliver_payloads
 from pgvpn_agent.schema import check_version
 
 log = logging.getLogger(__name__)
+# src, seq, age by the database clock (s), payload, offload header: a row as fetched
+Row = tuple[int, int, float, bytes | None, bytes | None]
 
 FETCH = """
 SELECT p.src_peer, p.seq, extract(epoch FROM statement_timestamp() - p.logged_at)::float8,
@@ -82,6 +84,8 @@ class Receiver:
         self.row_bytes = 1500.0  # running mean of fetched payload sizes, for the page limit
         # Inbound AllowedIPs: a row's packet must come from an address its sender owns.
         self.sources = config.source_filter()
+        # The texts of the notifications that woke this receiver, until read (carried.py).
+        self.notes: list[str] = []
 
     def run(self) -> None:
         wait = min(self.config.transport.poll_interval, 1.0)
@@ -111,9 +115,9 @@ class Receiver:
                         self._wait(min(wait, STALLED_POLL))
                         self._fetch_all()
                     elif due is None or due >= wait:
-                        self._wait(wait)
-                        self._fetch_all()
-                    elif due > 0 and self._wait(due, poll=False):
+                        if not (self._wait(wait) and self._carried()):
+                            self._fetch_all()
+                    elif due > 0 and self._wait(due, poll=False) and not self._carried():
                         self._fetch_all()
                     self._save_overdue()
                     self._sample_lag()
@@ -135,8 +139,9 @@ class Receiver:
         """Block until a notification arrives or the timeout passes; True if one arrived."""
         assert self.conn is not None
         woke = False
-        for _ in self.conn.notifies(timeout=timeout, stop_after=1):
+        for note in self.conn.notifies(timeout=timeout, stop_after=1):
             woke = True
+            self.notes.append(note.payload)
         if woke or poll:
             metrics.WAKEUPS.labels("notify" if woke else "poll").inc()
         return woke
@@ -176,125 +181,161 @@ class Receiver:
     def _fetch_all(self) -> None:
         """Fetch and deliver until no link has a full page waiting."""
         assert self.conn is not None
+        self.notes.clear()  # the table holds whatever they carried
         fetch_max = self.config.transport.fetch_max
-        max_age = self.config.transport.max_age
         links = sorted(self.cursor)
-        write = self.tun.write
-        sealer = self.sealer
-        names = self.names
-        check_source = self.sources.check
         while not self.stop.is_set():
             limit = max(1, min(fetch_max, int(PAGE_BYTES / self.row_bytes)))
             started = time.perf_counter()
             cur = self.conn.cursor(binary=True)
-            cur.execute(FETCH, (max_age, links, [self.cursor[s] for s in links], self.me,
-                                limit), prepare=True)
+            cur.execute(FETCH, (self.config.transport.max_age, links,
+                                [self.cursor[s] for s in links], self.me, limit), prepare=True)
             rows = cur.fetchall()
             metrics.FETCH_SECONDS.observe(time.perf_counter() - started)
             if not rows:
                 return
-            if faults.ARMED:
-                faults.reached("receiver.before_write")
-            # Ages come from the database's clock (now minus logged_at, both its own): no two
-            # hosts' clocks are ever compared, so a peer whose clock is off delivers as well.
-            fetched = time.perf_counter()
-            waited = fetched - started
-            last: dict[int, int] = {}
-            per_link: dict[int, list[int]] = {}
-            delivered: list[float] = []
-            stale = refused = unsealable = forged = malformed = 0
-            bad: dict[int, int] = {}  # sender id: packets from a source the sender does not own
-            gaps: dict[int, int] = {}  # sender id: sequence numbers missing from the log
-            cursor = self.cursor
-            sender = -1
-            name: str | None = None
-            for src, seq, age, payload, offload in rows:
-                expected = last.get(src, cursor[src]) + 1
-                if seq != expected:
-                    gaps[src] = gaps.get(src, 0) + seq - expected
-                last[src] = seq
-                if age > max_age:
-                    stale += 1
-                    continue
-                if src != sender:  # rows come grouped by link: one name lookup per link
-                    sender, name = src, names.get(src)
-                if name is None:  # a sender this config does not know owns no address
-                    bad[src] = bad.get(src, 0) + 1
-                    continue
-                if sealer is not None:
-                    try:
-                        payload = sealer.open(name, seq, payload)
-                    except seal.Unsealable as exc:
-                        unsealable += 1
-                        log.warning("receiver: dropped a stored packet: %s", exc)
-                        continue
-                # The source address of the packet as written, checked like WireGuard's
-                # AllowedIPs; the RouteTable behind it caches each source's owner.
-                reason = check_source(name, payload)
-                if reason is not None:
-                    if reason == "malformed":
-                        malformed += 1
-                    else:
-                        bad[src] = bad.get(src, 0) + 1
-                    continue
-                if offload is None:
-                    offload = tun.NO_OFFLOAD
-                elif not tun.check_offload(offload, payload, payload[0] >> 4):
-                    forged += 1
-                    continue
-                if not write(payload, offload):
-                    refused += 1
-                    continue
-                delivered.append(age)
-                c = per_link.get(src)
-                if c is None:
-                    per_link[src] = [1, len(payload)]
-                else:
-                    c[0] += 1
-                    c[1] += len(payload)
-            done = time.time()
-            late = time.perf_counter() - fetched + waited
             self.row_bytes = 0.8 * self.row_bytes + 0.2 * (
                 sum(len(r[3] or b"") for r in rows) / len(rows))
-            if faults.ARMED:
-                faults.reached("receiver.after_write")
-            # What reached the TUN is delivered, whether or not the save gets through.
-            self.cursor.update(last)
-            self.delivered.post(last)
-            self._save_overdue()  # at once with save_delay = 0
-            if stale:
-                metrics.DROPPED.labels("too_old").inc(stale)
-            if refused:
-                metrics.DROPPED.labels("tun_write").inc(refused)
-            if unsealable:
-                metrics.DROPPED.labels("unsealable").inc(unsealable)
-            for src, missing in gaps.items():
-                log.warning("receiver: %d sequence numbers from %s are missing from the log "
-                            "(up to %d): lost by the database (retention, a restore)",
-                            missing, names.get(src, src), last[src])
-                metrics.SEQUENCE_GAPS.labels(names.get(src, str(src))).inc(missing)
-            if forged:
-                log.warning("receiver: dropped %d stored packets whose offload header no kernel "
-                            "would have produced", forged)
-                metrics.DROPPED.labels("malformed").inc(forged)
-            if malformed:
-                log.warning("receiver: dropped %d stored packets that are not IPv4 or IPv6 or "
-                            "too short to hold a source address", malformed)
-                metrics.DROPPED.labels("malformed").inc(malformed)
-            if bad:
-                log.warning("receiver: dropped stored packets whose source address is not among "
-                            "their sender's addresses and routes: %s", ", ".join(
-                                f"{n} from {names.get(s, f'peer id {s} (not in the config)')}"
-                                for s, n in bad.items()))
-                metrics.DROPPED.labels("bad_source").inc(sum(bad.values()))
-            for src, (n, size) in per_link.items():
-                metrics.PACKETS.labels("rx", self.names[src]).inc(n)
-                metrics.BYTES.labels("rx", self.names[src]).inc(size)
-                metrics.LAST_PACKET.labels("rx", self.names[src]).set(done)
-            metrics.DELIVERY_SECONDS.observe_batch([age + late for age in delivered])
+            self._deliver(rows, started)
             if len(rows) < limit:
                 return
             self._sample_lag()  # still behind: the backlog between two pages is the lag
+
+    def _carried(self) -> bool:
+        """Deliver the rows the notifications carried (carried.py); False: read the table.
+
+        Every carried payload must open with the pair's key for its link and sequence number
+        before any is written: a text someone else NOTIFYed on this channel, or one this peer
+        cannot open, moves no cursor; the fetch that follows reads the log instead.
+        """
+        notes, self.notes = self.notes, []
+        if not notes or self.sealer is None:
+            return False
+        found = carried.pending(notes, self.cursor)
+        if found is None:
+            return False
+        rows: list[Row] = []
+        for src, seq, (sealed, offload) in found:
+            name = self.names.get(src)
+            if name is None:
+                return False
+            try:
+                rows.append((src, seq, 0.0, self.sealer.open(name, seq, sealed), offload))
+            except seal.Unsealable:
+                metrics.CARRIED_REFUSED.inc()
+                return False
+        if rows:
+            self._deliver(rows, time.perf_counter(), opened=True)
+            metrics.CARRIED.inc(len(rows))
+        return True
+
+    def _deliver(self, rows: list[Row], started: float, opened: bool = False) -> None:
+        """Write a page of rows (grouped by link, in sequence order) to the TUN, then move the
+        cursors past them; `opened`: the payloads are unsealed already (carried rows, whose
+        age is not known here: they count into no latency histogram)."""
+        if faults.ARMED:
+            faults.reached("receiver.before_write")
+        max_age = self.config.transport.max_age
+        write = self.tun.write
+        sealer = None if opened else self.sealer
+        names = self.names
+        check_source = self.sources.check
+        # Ages come from the database's clock (now minus logged_at, both its own): no two
+        # hosts' clocks are ever compared, so a peer whose clock is off delivers as well.
+        fetched = time.perf_counter()
+        waited = fetched - started
+        last: dict[int, int] = {}
+        per_link: dict[int, list[int]] = {}
+        delivered: list[float] = []
+        stale = refused = unsealable = forged = malformed = 0
+        bad: dict[int, int] = {}  # sender id: packets from a source the sender does not own
+        gaps: dict[int, int] = {}  # sender id: sequence numbers missing from the log
+        cursor = self.cursor
+        sender = -1
+        name: str | None = None
+        for src, seq, age, payload, offload in rows:
+            expected = last.get(src, cursor[src]) + 1
+            if seq != expected:
+                gaps[src] = gaps.get(src, 0) + seq - expected
+            last[src] = seq
+            if age > max_age or payload is None:  # the fetch leaves a stale row's payload out
+                stale += 1
+                continue
+            if src != sender:  # rows come grouped by link: one name lookup per link
+                sender, name = src, names.get(src)
+            if name is None:  # a sender this config does not know owns no address
+                bad[src] = bad.get(src, 0) + 1
+                continue
+            if sealer is not None:
+                try:
+                    payload = sealer.open(name, seq, payload)
+                except seal.Unsealable as exc:
+                    unsealable += 1
+                    log.warning("receiver: dropped a stored packet: %s", exc)
+                    continue
+            # The source address of the packet as written, checked like WireGuard's
+            # AllowedIPs; the RouteTable behind it caches each source's owner.
+            reason = check_source(name, payload)
+            if reason is not None:
+                if reason == "malformed":
+                    malformed += 1
+                else:
+                    bad[src] = bad.get(src, 0) + 1
+                continue
+            if offload is None:
+                offload = tun.NO_OFFLOAD
+            elif not tun.check_offload(offload, payload, payload[0] >> 4):
+                forged += 1
+                continue
+            if not write(payload, offload):
+                refused += 1
+                continue
+            delivered.append(age)
+            c = per_link.get(src)
+            if c is None:
+                per_link[src] = [1, len(payload)]
+            else:
+                c[0] += 1
+                c[1] += len(payload)
+        done = time.time()
+        late = time.perf_counter() - fetched + waited
+        if faults.ARMED:
+            faults.reached("receiver.after_write")
+        # What reached the TUN is delivered, whether or not the save gets through.
+        self.cursor.update(last)
+        self.delivered.post(last)
+        self._save_overdue()  # at once with save_delay = 0
+        if stale:
+            metrics.DROPPED.labels("too_old").inc(stale)
+        if refused:
+            metrics.DROPPED.labels("tun_write").inc(refused)
+        if unsealable:
+            metrics.DROPPED.labels("unsealable").inc(unsealable)
+        for src, missing in gaps.items():
+            log.warning("receiver: %d sequence numbers from %s are missing from the log "
+                        "(up to %d): lost by the database (retention, a restore)",
+                        missing, names.get(src, src), last[src])
+            metrics.SEQUENCE_GAPS.labels(names.get(src, str(src))).inc(missing)
+        if forged:
+            log.warning("receiver: dropped %d stored packets whose offload header no kernel "
+                        "would have produced", forged)
+            metrics.DROPPED.labels("malformed").inc(forged)
+        if malformed:
+            log.warning("receiver: dropped %d stored packets that are not IPv4 or IPv6 or "
+                        "too short to hold a source address", malformed)
+            metrics.DROPPED.labels("malformed").inc(malformed)
+        if bad:
+            log.warning("receiver: dropped stored packets whose source address is not among "
+                        "their sender's addresses and routes: %s", ", ".join(
+                            f"{n} from {names.get(s, f'peer id {s} (not in the config)')}"
+                            for s, n in bad.items()))
+            metrics.DROPPED.labels("bad_source").inc(sum(bad.values()))
+        for src, (n, size) in per_link.items():
+            metrics.PACKETS.labels("rx", self.names[src]).inc(n)
+            metrics.BYTES.labels("rx", self.names[src]).inc(size)
+            metrics.LAST_PACKET.labels("rx", self.names[src]).set(done)
+        if not opened:
+            metrics.DELIVERY_SECONDS.observe_batch([age + late for age in delivered])
 
     def _sample_lag(self) -> None:
         """Every incoming link's backlog after a fetch: one small query every LAG_EVERY s."""
