@@ -104,7 +104,7 @@ def idle_pings(lab: Lab) -> list[float]:
 
 
 def run_pairs(lab: Lab, pairs: list[tuple[LabPeer, LabPeer]], phase: Phase,
-              seconds: float) -> list[PairRun]:
+              seconds: float, congestion: str | None) -> list[PairRun]:
     """iperf3 on every pair at once, each with a ping alongside (10 a second)."""
     results: list[PairRun | None] = [None] * len(pairs)
     errors: list[BaseException] = []
@@ -115,7 +115,8 @@ def run_pairs(lab: Lab, pairs: list[tuple[LabPeer, LabPeer]], phase: Phase,
             ping_avg(lab, a, b, max(1, int(seconds * 10) - 5), 0.1)))
         pinger.start()
         try:
-            report = lab.iperf(a, b, seconds=seconds, streams=phase.streams, bidir=phase.bidir)
+            report = lab.iperf(a, b, seconds=seconds, streams=phase.streams, bidir=phase.bidir,
+                               congestion=congestion)
         except BaseException as exc:
             errors.append(exc)
             return
@@ -136,7 +137,8 @@ def run_pairs(lab: Lab, pairs: list[tuple[LabPeer, LabPeer]], phase: Phase,
     return [r for r in results if r is not None]
 
 
-def measure(lab: Lab, phase: Phase, rep: int, seconds: float, idle_s: float) -> Sample:
+def measure(lab: Lab, phase: Phase, rep: int, seconds: float, idle_s: float,
+            congestion: str | None = None) -> Sample:
     pairs = [(lab.peers[i], lab.peers[i + 1]) for i in range(0, len(lab.peers) - 1, 2)]
     pairs = pairs[:phase.pairs] if phase.pairs >= 0 else pairs
     rtts = idle_pings(lab) if not pairs else []
@@ -144,7 +146,7 @@ def measure(lab: Lab, phase: Phase, rep: int, seconds: float, idle_s: float) -> 
     probe = Probe(lab, memory=not pairs)
     probe.start()
     if pairs:
-        runs = run_pairs(lab, pairs, phase, seconds)
+        runs = run_pairs(lab, pairs, phase, seconds, congestion)
     else:
         runs = []
         time.sleep(idle_s)
@@ -152,12 +154,12 @@ def measure(lab: Lab, phase: Phase, rep: int, seconds: float, idle_s: float) -> 
 
 
 @contextmanager
-def lab_of(peers: int, tag: str) -> Iterator[Lab]:
+def lab_of(peers: int, tag: str, sealed: bool = False) -> Iterator[Lab]:
     workdir = Path(tempfile.mkdtemp(prefix="pgvpn-mesh-", dir="/tmp"))
     workdir.chmod(0o755)
     pid = os.getpid()
     lab = Lab.create(workdir, peers=peers, prefix=f"pgvm{pid % 10000}{tag}-",
-                     port=58000 + (pid * 7 + peers) % 1000)
+                     port=58000 + (pid * 7 + peers) % 1000, encrypt=sealed)
     try:
         lab.up()
         yield lab
@@ -165,8 +167,8 @@ def lab_of(peers: int, tag: str) -> Iterator[Lab]:
         lab.down()
 
 
-def run(peers: int, reps: int, seconds: float, idle_s: float,
-        phases: tuple[Phase, ...]) -> list[Sample]:
+def run(peers: int, reps: int, seconds: float, idle_s: float, phases: tuple[Phase, ...],
+        congestion: str | None = None, sealed: bool = False) -> list[Sample]:
     samples: list[Sample] = []
     progress = Progress(reps * len(phases))
     try:
@@ -175,11 +177,11 @@ def run(peers: int, reps: int, seconds: float, idle_s: float,
                 todo = [p for p in phases if p.lab == which]
                 if not todo:
                     continue
-                with lab_of(size, "a" if which == "two" else "b") as lab:
+                with lab_of(size, "a" if which == "two" else "b", sealed) as lab:
                     for phase in todo:
                         progress.step(Variant(phase.key, meshreport.label(phase.key, size)),
                                       rep, reps)
-                        samples.append(measure(lab, phase, rep, seconds, idle_s))
+                        samples.append(measure(lab, phase, rep, seconds, idle_s, congestion))
     finally:
         progress.close()
     return samples
@@ -205,6 +207,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--only", nargs="+", metavar="KEY",
                    help="windows to run: " + ", ".join(ph.key for ph in PHASES))
     p.add_argument("--out", type=Path, default=RESULTS, help=f"output dir (default {RESULTS})")
+    p.add_argument("--congestion", metavar="ALGORITHM",
+                   help="the iperf3 flows' TCP congestion control (iperf3 -C), e.g. reno: "
+                        "what the tunnel carries when the flows' own ramp-up is not the limit "
+                        "(default: the kernel's, cubic)")
+    p.add_argument("--sealed", action="store_true",
+                   help="labs with [encryption]: small batches ride in their notification")
     args = p.parse_args(argv)
     unknown = set(args.only or ()) - {ph.key for ph in PHASES}
     if unknown or args.peers < 4:
@@ -213,9 +221,11 @@ def main(argv: list[str] | None = None) -> int:
     phases = tuple(ph for ph in PHASES if not args.only or ph.key in args.only)
     meta = {"peers": args.peers, "seconds": args.seconds, "idle_seconds": args.idle,
             "reps": args.reps, "started": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
-            "loadavg_before": os.getloadavg()[0]}
+            "loadavg_before": os.getloadavg()[0], "congestion": args.congestion or "default",
+            "sealed": args.sealed}
     try:
-        samples = run(args.peers, args.reps, args.seconds, args.idle, phases)
+        samples = run(args.peers, args.reps, args.seconds, args.idle, phases,
+                      args.congestion, args.sealed)
     except LabError as exc:
         print(f"pgvpn bench mesh: error: {exc}", file=sys.stderr)
         return 2

@@ -60,6 +60,19 @@ def _row(text: str) -> Carried:
     return row
 
 
+def links(notes: list[str]) -> set[int] | None:
+    """The links the notifications name (the only ones with new rows, but for a lost
+    notification, which the receiver's periodic full fetch finds); None if a text is not one
+    send_batch() writes: every link is read."""
+    found = set()
+    for text in notes:
+        note = parse(text)
+        if note is None:
+            return None
+        found.add(note.src)
+    return found
+
+
 def pending(notes: list[str],
             cursor: dict[int, int]) -> list[tuple[int, int, Carried]] | None:
     """The carried rows past `cursor`, in order: (src, seq, row); None when the table

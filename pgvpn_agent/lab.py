@@ -411,10 +411,11 @@ class Lab:
         return self.exec(src, cmd).returncode == 0
 
     def iperf(self, src: LabPeer, dst: LabPeer, seconds: float = 3, streams: int = 1,
-              reverse: bool = False, bidir: bool = False) -> dict[str, Any]:
+              reverse: bool = False, bidir: bool = False,
+              congestion: str | None = None) -> dict[str, Any]:
         """iperf3 TCP from src to dst through the tunnel; returns iperf3's JSON report."""
         return labtraffic.iperf(self, src, dst, seconds=seconds, streams=streams,
-                                reverse=reverse, bidir=bidir)
+                                reverse=reverse, bidir=bidir, congestion=congestion)
 
     def agent_metrics(self, peer: LabPeer) -> dict[str, float]:
         """The agent's Prometheus samples, keyed by sample name with labels."""

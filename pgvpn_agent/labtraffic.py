@@ -45,8 +45,10 @@ def unreachable(lab: Lab, checks: list[Check]) -> list[Check]:
 
 
 def iperf(lab: Lab, src: LabPeer, dst: LabPeer, seconds: float = 3, streams: int = 1,
-          reverse: bool = False, bidir: bool = False) -> dict[str, Any]:
-    """iperf3 TCP from src to dst (both ways with bidir); returns iperf3's JSON report."""
+          reverse: bool = False, bidir: bool = False,
+          congestion: str | None = None) -> dict[str, Any]:
+    """iperf3 TCP from src to dst (both ways with bidir); returns iperf3's JSON report.
+    `congestion`: the flows' TCP congestion control (iperf3 -C), else the kernel's default."""
     server = subprocess.Popen(
         ["ip", "netns", "exec", dst.netns, "iperf3", "-s", "-1", "-B", dst.ipv4],
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -57,6 +59,7 @@ def iperf(lab: Lab, src: LabPeer, dst: LabPeer, seconds: float = 3, streams: int
             time.sleep(0.1)
         cmd = ["iperf3", "-J", "-c", dst.ipv4, "-t", str(seconds), "-P", str(streams)]
         cmd += (["-R"] if reverse else []) + (["--bidir"] if bidir else [])
+        cmd += ["-C", congestion] if congestion else []
         out = lab.exec(src, cmd, timeout=seconds + 60)
         report: dict[str, Any] = json.loads(out.stdout or "{}")
         if out.returncode != 0 or "error" in report:

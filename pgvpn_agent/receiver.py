@@ -86,6 +86,7 @@ class Receiver:
         self.sources = config.source_filter()
         # The texts of the notifications that woke this receiver, until read (carried.py).
         self.notes: list[str] = []
+        self.fetched_all_at = 0.0  # time.monotonic() of the last fetch of every link
 
     def run(self) -> None:
         wait = min(self.config.transport.poll_interval, 1.0)
@@ -115,10 +116,12 @@ class Receiver:
                         self._wait(min(wait, STALLED_POLL))
                         self._fetch_all()
                     elif due is None or due >= wait:
-                        if not (self._wait(wait) and self._carried()):
+                        if self._wait(wait):
+                            self._woken()
+                        else:
                             self._fetch_all()
-                    elif due > 0 and self._wait(due, poll=False) and not self._carried():
-                        self._fetch_all()
+                    elif due > 0 and self._wait(due, poll=False):
+                        self._woken()
                     self._save_overdue()
                     self._sample_lag()
                 except psycopg.Error as exc:
@@ -178,12 +181,29 @@ class Receiver:
             return False
         return True
 
-    def _fetch_all(self) -> None:
-        """Fetch and deliver until no link has a full page waiting."""
+    def _woken(self) -> None:
+        """Deliver what the notifications carried; else fetch the links they name."""
+        notes = self.notes
+        if not self._carried():
+            self._fetch_all(carried.links(notes))
+
+    def _fetch_all(self, only: set[int] | None = None) -> None:
+        """Fetch and deliver until no link has a full page waiting: every incoming link, or
+        `only` those a notification named — but every link at least once a poll interval, so
+        that a lost notification is found while other links keep the receiver awake. (Each
+        link is an index probe per day partition: with many peers, reading them all on every
+        wake-up was most of a fetch.)"""
         assert self.conn is not None
         self.notes.clear()  # the table holds whatever they carried
         fetch_max = self.config.transport.fetch_max
-        links = sorted(self.cursor)
+        now = time.monotonic()
+        if only is None or now - self.fetched_all_at >= self.config.transport.poll_interval:
+            links = sorted(self.cursor)
+            self.fetched_all_at = now
+        else:
+            links = sorted(only.intersection(self.cursor))
+            if not links:
+                return
         while not self.stop.is_set():
             limit = max(1, min(fetch_max, int(PAGE_BYTES / self.row_bytes)))
             started = time.perf_counter()

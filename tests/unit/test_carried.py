@@ -68,3 +68,9 @@ def test_the_table_is_read_on_a_gap_or_anything_unknown(notes: list[str]) -> Non
 
 def test_links_the_receiver_does_not_follow_are_not_its_own() -> None:
     assert carried.pending([f"9:2:{b64(b'1', b'2')}"], {3: 10}) == []
+
+
+def test_the_links_a_wake_up_names() -> None:
+    assert carried.links(["3:12", f"5:2:{b64(b'1')}", "3:13"]) == {3, 5}
+    assert carried.links([]) == set()
+    assert carried.links(["3:12", "junk"]) is None, "an unknown text: every link is read"

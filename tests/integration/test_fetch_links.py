@@ -1,0 +1,94 @@
+"""A receiver woken by notifications reads only the links they name, and every link at least once
+a poll interval: a batch whose wake-up was lost is delivered while other links keep it busy."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import psycopg
+import pytest
+
+from pgvpn_agent import wire
+from pgvpn_agent.lab import Lab
+from pgvpn_agent.labhost import role
+from tests.integration.hostile import send
+from tests.integration.stream import Stream
+
+pytestmark = pytest.mark.integration
+
+PORT = 7793
+# index scans of the log's day partitions, and how many partitions there are
+SCANS = """SELECT sum(s.idx_scan), count(DISTINCT i.inhrelid) FROM pg_catalog.pg_inherits i
+           JOIN pg_catalog.pg_stat_user_indexes s ON s.relid = i.inhrelid
+           WHERE i.inhparent = 'pgvpn.packet'::regclass"""
+
+
+def scans(lab: Lab) -> tuple[int, int]:
+    total, partitions = lab.psql(SCANS).split("|")
+    return int(total), int(partitions)
+
+
+def test_a_batch_without_wake_up_arrives_within_a_poll_interval_while_others_flow(make_lab):
+    lab = make_lab(peers=3)
+    a, b, c = lab.peers
+    ids = dict(r.split("|") for r in lab.psql("SELECT name, id FROM pgvpn.peer").splitlines())
+    src, dst = int(ids[b.name]), int(ids[c.name])
+    lab.stop_agent(b)  # its link to c is written by hand below, unnotified
+    received = f'pgvpn_packets_total{{direction="rx",peer="{b.name}"}}'
+    wakeups = 'pgvpn_receiver_wakeups_total{cause="notify"}'
+    fetches = "pgvpn_fetch_duration_seconds_count"
+
+    stream = Stream(lab, a, c, port=PORT)
+    errors: list[BaseException] = []
+    stop = threading.Event()
+    sent: list[int] = []
+
+    def keep_c_awake() -> None:
+        try:
+            n = 0
+            while not stop.is_set():
+                n += 1
+                assert stream.send(n)
+                sent.append(n)
+                time.sleep(0.02)
+        except BaseException as exc:  # reported by the test
+            errors.append(exc)
+
+    busy = threading.Thread(target=keep_c_awake)
+    busy.start()
+    try:
+        time.sleep(1.5)
+        # c has two incoming links; each fetch probes each link it names in every partition
+        scanned, partitions = scans(lab)
+        fetched = lab.agent_metrics(c)[fetches]
+        time.sleep(4)
+        links_per_fetch = ((scans(lab)[0] - scanned) / partitions
+                           / (lab.agent_metrics(c)[fetches] - fetched))
+        before = lab.agent_metrics(c)
+        seq = int(lab.psql(f"SELECT tx_seq FROM pgvpn.link WHERE src = {src} AND dst = {dst}"))
+        with psycopg.connect(lab.dsn(role(b.name)), autocommit=True) as conn:
+            wire.register(conn)
+            send(conn, src, dst, seq + 1, count=3, notify=False)
+        logged = time.monotonic()
+        delivered = None
+        while time.monotonic() - logged < 5:
+            if lab.agent_metrics(c).get(received, 0) >= 3:
+                delivered = time.monotonic() - logged
+                break
+            time.sleep(0.05)
+        after = lab.agent_metrics(c)
+    finally:
+        stop.set()
+        busy.join(10)
+        time.sleep(0.5)
+        got = stream.close()
+    assert not errors, errors
+    assert got == sent, "the busy link: every datagram once, in order"
+    interval = lab.transport.get("poll_interval", 1.0)
+    assert delivered is not None, "the unnotified batch was never delivered"
+    assert delivered <= interval + 1.0, f"{delivered:.2f}s, more than a poll interval"
+    woke = after[wakeups] - before[wakeups]
+    assert woke >= 0.5 * delivered / 0.02, "c was woken by the busy link all along"
+    # a wake-up reads the link it names; every link only once a poll interval (2.0: all)
+    assert links_per_fetch < 1.3, f"{links_per_fetch:.2f} links read per fetch"
