@@ -186,6 +186,8 @@ class Receiver:
         notes = self.notes
         if not self._carried():
             self._fetch_all(carried.links(notes))
+        elif time.monotonic() - self.fetched_all_at >= self.config.transport.poll_interval:
+            self._fetch_all()  # carried rows do not replace the look at every link
 
     def _fetch_all(self, only: set[int] | None = None) -> None:
         """Fetch and deliver until no link has a full page waiting: every incoming link, or
