@@ -3,7 +3,6 @@ a poll interval: a batch whose wake-up was lost is delivered while other links k
 
 from __future__ import annotations
 
-import threading
 import time
 
 import psycopg
@@ -13,7 +12,7 @@ from pgvpn_agent import wire
 from pgvpn_agent.lab import Lab
 from pgvpn_agent.labhost import role
 from tests.integration.hostile import send
-from tests.integration.stream import Stream
+from tests.integration.pump import Pump
 
 pytestmark = pytest.mark.integration
 
@@ -42,24 +41,7 @@ def test_a_batch_without_wake_up_arrives_within_a_poll_interval_while_others_flo
     wakeups = 'pgvpn_receiver_wakeups_total{cause="notify"}'
     fetches = "pgvpn_fetch_duration_seconds_count"
 
-    stream = Stream(lab, a, c, port=PORT)
-    errors: list[BaseException] = []
-    stop = threading.Event()
-    sent: list[int] = []
-
-    def keep_c_awake() -> None:
-        try:
-            n = 0
-            while not stop.is_set():
-                n += 1
-                assert stream.send(n)
-                sent.append(n)
-                time.sleep(0.02)
-        except BaseException as exc:  # reported by the test
-            errors.append(exc)
-
-    busy = threading.Thread(target=keep_c_awake)
-    busy.start()
+    pump = Pump(lab, a, c, port=PORT)  # keeps c woken every 20 ms
     try:
         time.sleep(1.5)
         # c has two incoming links; each fetch probes each link it names in every partition
@@ -85,12 +67,10 @@ def test_a_batch_without_wake_up_arrives_within_a_poll_interval_while_others_flo
             time.sleep(0.05)
         after = lab.agent_metrics(c)
     finally:
-        stop.set()
-        busy.join(10)
+        pump.halt()
         time.sleep(0.5)
-        got = stream.close()
-    assert not errors, errors
-    assert got == sent, "the busy link: every datagram once, in order"
+        got = pump.stream.close()
+    assert got == pump.accepted, "the busy link: every datagram once, in order"
     interval = lab.transport.get("poll_interval", 1.0)
     assert delivered is not None, "the unnotified batch was never delivered"
     assert delivered <= interval + 1.0, f"{delivered:.2f}s, more than a poll interval"
