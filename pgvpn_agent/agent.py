@@ -17,6 +17,7 @@ from pgvpn_agent.config import Config, Retention
 from pgvpn_agent.delivered import Delivered
 from pgvpn_agent.receiver import Receiver
 from pgvpn_agent.sender import Sender
+from pgvpn_agent.stopping import Stop
 from pgvpn_agent.tun import configure, open_tun
 
 log = logging.getLogger(__name__)
@@ -44,7 +45,7 @@ def run(config: Config) -> int:
         log.warning("%s is set: this agent kills itself at %s (fault tests only)", faults.ENV,
                     faults.ARMED)
     tun = open_tun(config.tun.name, offload=config.tun.offload)
-    stop = threading.Event()
+    stop = Stop()
     failed = threading.Event()
     try:
         me = config.me
@@ -69,8 +70,7 @@ def run(config: Config) -> int:
             w.start()
         log.info("peer %s up on %s (%s)", config.peer, tun.name,
                  ", ".join(str(a) for a in me.addresses))
-        while not stop.wait(1.0):
-            pass
+        stop.wait()
         for w in workers:
             w.join()
     finally:
@@ -80,7 +80,7 @@ def run(config: Config) -> int:
     return 1 if failed.is_set() else 0
 
 
-def _guard(target: Callable[[], None], stop: threading.Event,
+def _guard(target: Callable[[], None], stop: Stop,
            failed: threading.Event) -> Callable[[], None]:
     """A worker that dies takes the agent down with it: systemd restarts a whole agent."""
 

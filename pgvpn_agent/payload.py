@@ -9,12 +9,12 @@ from __future__ import annotations
 
 import base64
 import binascii
-import threading
 import time
 
 from pgvpn_agent import db, metrics, tun
 from pgvpn_agent.packet import MalformedPacket, parse
 from pgvpn_agent.routing import RouteTable
+from pgvpn_agent.stopping import Stop, notifications
 
 NOTIFY_PAYLOADS = "SELECT pg_notify(c, m) FROM unnest(%b::text[], %b::text[]) AS t (c, m)"
 # Captured packet: capture time (sender clock) and the bytes read, offload header first.
@@ -57,11 +57,11 @@ def send(conn: db.Conn, channels: list[str], messages: list[str]) -> None:
 
 
 def deliver(conn: db.Conn, device: tun.Tun, timeout: float, max_age: float,
-            stop: threading.Event) -> None:
-    """Write the packets of the notifications that arrive within `timeout` (64 at most)."""
+            stop: Stop) -> None:
+    """Write the packets of the notifications that arrive within `timeout`."""
     n = size = stale = bad = 0
     delivered: list[float] = []  # ages at the write: notifications arrive one by one
-    for note in conn.notifies(timeout=timeout):
+    for note in notifications(conn, timeout, stop):
         stamp, _, data = note.payload.partition(" ")
         try:
             sent_at = float(stamp)
@@ -77,8 +77,6 @@ def deliver(conn: db.Conn, device: tun.Tun, timeout: float, max_age: float,
             n += 1
             size += len(packet)
             delivered.append(age)
-        if stop.is_set() or (n and n % 64 == 0):
-            break
     if bad:
         metrics.DROPPED.labels("malformed").inc(bad)
     if stale:

@@ -9,7 +9,6 @@ one poll interval of latency, never a packet.
 from __future__ import annotations
 
 import logging
-import threading
 import time
 
 import psycopg
@@ -21,6 +20,7 @@ from pgvpn_agent.delivered import Delivered
 from pgvpn_agent.highwater import ExitCursors
 from pgvpn_agent.payload import deliver as deliver_payloads
 from pgvpn_agent.schema import check_version
+from pgvpn_agent.stopping import Stop, notifications
 
 log = logging.getLogger(__name__)
 # src, seq, age by the database clock (s), payload, offload header: a row as fetched
@@ -63,7 +63,7 @@ PAGE_BYTES = 2 << 20
 
 
 class Receiver:
-    def __init__(self, config: Config, tun: tun.Tun, stop: threading.Event,
+    def __init__(self, config: Config, tun: tun.Tun, stop: Stop,
                  delivered: Delivered | None = None) -> None:
         self.config = config
         self.delivered = delivered if delivered is not None else Delivered()
@@ -141,10 +141,9 @@ class Receiver:
     def _wait(self, timeout: float, poll: bool = True) -> bool:
         """Block until a notification arrives or the timeout passes; True if one arrived."""
         assert self.conn is not None
-        woke = False
-        for note in self.conn.notifies(timeout=timeout, stop_after=1):
-            woke = True
-            self.notes.append(note.payload)
+        notes = notifications(self.conn, timeout, self.stop)
+        self.notes.extend(note.payload for note in notes)
+        woke = bool(notes)
         if woke or poll:
             metrics.WAKEUPS.labels("notify" if woke else "poll").inc()
         return woke

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import logging
 import select
-import threading
 import time
 from collections import deque
 
@@ -22,6 +21,7 @@ from pgvpn_agent.highwater import HighWater
 from pgvpn_agent.packet import MalformedPacket, parse
 from pgvpn_agent.ratelimit import RateLimit
 from pgvpn_agent.reconnect import LinkRecovery
+from pgvpn_agent.stopping import Stop
 
 log = logging.getLogger(__name__)
 DISK_FULL = "53100"
@@ -45,7 +45,7 @@ COALESCE_BELOW = 16
 
 
 class Sender(LinkRecovery):
-    def __init__(self, config: Config, tun: tun.Tun, stop: threading.Event,
+    def __init__(self, config: Config, tun: tun.Tun, stop: Stop,
                  delivered: Delivered | None = None) -> None:
         self.config = config
         # The receiver's cursors, carried by the next batch (pgvpn_agent/delivered.py).
@@ -102,8 +102,8 @@ class Sender(LinkRecovery):
                     timeout = min(poll, self.no_space.wait_time())
                 else:
                     timeout = 0.0 if self.queue or self.pending else poll
-                ready, _, _ = select.select([fd], [], [], timeout)
-                if ready:
+                ready, _, _ = select.select([fd, self.stop.fileno()], [], [], timeout)
+                if fd in ready:
                     self._drain()
                     if coalesce and len(self.queue) < few and not self.pending:
                         # A few packets: the rest of their train (a receiver's ACKs for a page

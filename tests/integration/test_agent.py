@@ -19,6 +19,7 @@ from pgvpn_agent import config, db, schema, tun
 from pgvpn_agent.lab import Lab, LabPeer
 from pgvpn_agent.receiver import Receiver
 from pgvpn_agent.sender import Sender
+from pgvpn_agent.stopping import Stop
 from tests.integration.stream import Stream, eventually
 from tests.packets import ipv4, ports
 
@@ -38,13 +39,21 @@ def tun_exists(lab: Lab, peer: LabPeer) -> bool:
     return lab.exec(peer, ["ip", "link", "show", peer.tun]).returncode == 0
 
 
-def test_sigterm_removes_the_tun_device_and_exits_cleanly(make_lab):
-    lab = make_lab(peers=2)
-    a, _ = lab.peers
+@pytest.mark.parametrize("mode", ["logged", "payload"])
+def test_sigterm_removes_the_tun_device_and_exits_cleanly(make_lab, mode):
+    """At once, not at the end of a poll interval: both threads wait in select() on the stop
+    request as well (stopping.py), so a restart costs the tunnel no idle second."""
+    lab = make_lab(peers=2, mode=mode, transport={"poll_interval": 5.0})
+    a, b = lab.peers
     assert tun_exists(lab, a)
+    assert lab.ping(a, b)
+    time.sleep(0.5)  # idle: both threads are inside their waits
+    started = time.monotonic()
     os.kill(a.pid, signal.SIGTERM)
     _, status = os.waitpid(a.pid, 0)
+    took = time.monotonic() - started
     assert os.waitstatus_to_exitcode(status) == 0
+    assert took < 2.0, f"{took:.2f}s to stop with a 5 s poll interval"
     assert not tun_exists(lab, a)
     assert "stopped, pgvpn0 removed" in Path(a.log).read_text()
 
@@ -112,7 +121,7 @@ def test_database_outage_queues_drops_oldest_and_does_not_spin(make_lab):
 def test_lost_notification_costs_latency_not_packets(make_lab):
     lab = make_lab(peers=2, agents=False, transport={"poll_interval": 0.3})
     a, b = lab.peers
-    stop = threading.Event()
+    stop = Stop()
     cfg_a, cfg_b = config.load(a.config), config.load(b.config)
 
     class ListTun:

@@ -16,6 +16,7 @@ import pytest
 from pgvpn_agent import config, db, tun
 from pgvpn_agent.receiver import Receiver
 from pgvpn_agent.sender import Sender
+from pgvpn_agent.stopping import Stop
 from tests.packets import ipv4, ports
 
 pytestmark = pytest.mark.integration
@@ -48,20 +49,20 @@ def number(p: bytes) -> int:
 @pytest.fixture
 def peers(make_lab):
     lab = make_lab(peers=3, agents=False)
-    stop = threading.Event()
+    stop = Stop()
     cfg = {p.name: config.load(p.config) for p in lab.peers}
     yield lab, cfg, stop
     stop.set()
 
 
-def sender(cfg: config.Config, stop: threading.Event) -> Sender:
+def sender(cfg: config.Config, stop: Stop) -> Sender:
     s = Sender(cfg, ListTun(), stop)  # type: ignore[arg-type]
     s._connect()
     assert s.conn is not None
     return s
 
 
-def receiver(cfg: config.Config, stop: threading.Event) -> tuple[Receiver, ListTun]:
+def receiver(cfg: config.Config, stop: Stop) -> tuple[Receiver, ListTun]:
     tun = ListTun()
     rx = Receiver(cfg, tun, stop)  # type: ignore[arg-type]
     rx._connect()

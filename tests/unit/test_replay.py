@@ -8,12 +8,12 @@ records what the sender asks of the database.
 from __future__ import annotations
 
 import copy
-import threading
 import time
 from typing import Any
 
 from pgvpn_agent import config, metrics
 from pgvpn_agent.sender import Sender
+from pgvpn_agent.stopping import Stop
 from tests.unit.test_config import BASE
 
 
@@ -32,7 +32,7 @@ IN_DOUBT = {B: (11, 13)}  # the batch in flight at the failover: numbers 11..13 
 
 
 def sender() -> tuple[Sender, Conn]:
-    s = Sender(config.parse(copy.deepcopy(BASE)), tun=Any, stop=threading.Event())  # type: ignore[arg-type]
+    s = Sender(config.parse(copy.deepcopy(BASE)), tun=Any, stop=Stop())  # type: ignore[arg-type]
     conn = Conn()
     s.conn = conn  # type: ignore[assignment]
     s.ids, s.names = {"a": 1, "b": B}, {1: "a", B: "b"}

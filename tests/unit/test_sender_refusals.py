@@ -9,7 +9,6 @@ test_peer_control.py); here the decisions alone.
 from __future__ import annotations
 
 import copy
-import threading
 import time
 from typing import Any
 
@@ -18,6 +17,7 @@ import pytest
 
 from pgvpn_agent import config, metrics
 from pgvpn_agent.sender import Sender
+from pgvpn_agent.stopping import Stop
 from tests.unit.test_config import BASE
 
 
@@ -26,7 +26,7 @@ class Conn:
 
 
 def sender() -> Sender:
-    s = Sender(config.parse(copy.deepcopy(BASE)), tun=Any, stop=threading.Event())  # type: ignore[arg-type]
+    s = Sender(config.parse(copy.deepcopy(BASE)), tun=Any, stop=Stop())  # type: ignore[arg-type]
     s.conn = Conn()  # type: ignore[assignment]
     s.pending = [(time.time(), b"\0" * 60)] * 3
     return s

@@ -5,23 +5,29 @@
     stream.py recv PORT --seconds 45 --out recv.json
     stream.py analyze send.json recv.json --fault-at EPOCH [--logged N]
 
-Each datagram carries its number and send time. The receiver keeps every arrival (number,
-time); the analysis says how many were sent, received, repeated, out of order, lost, the
-longest silence and when the first datagram arrived after the fault. Machines of one lab share
-the host's clock, so times compare across them.
+Each datagram carries its number and send time. The sender ends with a few datagrams to
+PORT + END_PORT (not counted among the stream's in the log); the receiver keeps every arrival
+(number, time) until GRACE seconds after the first of them (a late repeat would still be
+seen), or until --seconds pass. The analysis says how many were sent, received, repeated,
+out of order, lost, the longest silence and when the first datagram arrived after the fault.
+Machines of one lab share the host's clock, so times compare across them.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import itertools
 import json
+import select
 import socket
 import struct
 import sys
 import time
 
 HEADER = struct.Struct("!Qd")
+END_PORT = 1000  # the end of a stream to PORT goes to PORT + END_PORT
+GRACE = 3.0
 
 
 def send(args: argparse.Namespace) -> None:
@@ -43,6 +49,9 @@ def send(args: argparse.Namespace) -> None:
         delay = next_at - time.time()
         if delay > 0:
             time.sleep(delay)
+    for _ in range(3):  # the same link as the rest, so in order behind them
+        with contextlib.suppress(OSError):
+            sock.sendto(HEADER.pack(seq, time.time()), (args.host, args.port + END_PORT))
     with open(args.out, "w") as f:
         json.dump({"sent": seq, "unroutable": unroutable, "start": start, "end": time.time()}, f)
 
@@ -53,17 +62,24 @@ def recv(args: argparse.Namespace) -> None:
     # the kernel's count of what the socket still dropped (not the tunnel's doing).
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 8 << 20)
     sock.bind(("0.0.0.0", args.port))
+    sock.setblocking(False)
+    ends = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    ends.bind(("0.0.0.0", args.port + END_PORT))
     dropped_before = _socket_drops()
-    sock.settimeout(0.5)
     arrivals: list[tuple[int, float]] = []
     end = time.time() + args.seconds
-    while time.time() < end:
-        try:
-            data = sock.recv(65536)
-        except TimeoutError:
-            continue
-        if len(data) >= HEADER.size:
-            arrivals.append((HEADER.unpack_from(data)[0], time.time()))
+    while (left := end - time.time()) > 0:
+        ready, _, _ = select.select([sock, ends], [], [], min(left, 0.5))
+        if ends in ready:
+            ends.recv(65536)
+            end = min(end, time.time() + GRACE)
+        while sock in ready:
+            try:
+                data = sock.recv(65536)
+            except BlockingIOError:
+                break
+            if len(data) >= HEADER.size:
+                arrivals.append((HEADER.unpack_from(data)[0], time.time()))
     with open(args.out, "w") as f:
         json.dump({"arrivals": arrivals, "socket_drops": _socket_drops() - dropped_before}, f)
 
