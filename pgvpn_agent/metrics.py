@@ -40,7 +40,8 @@ _LATENCY_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 
 # Delivery also covers packets that waited out an outage, up to transport.max_age (30 s).
 _DELIVERY_BUCKETS = (*_LATENCY_BUCKETS, 30.0)
 DROP_REASONS = ("no_route", "malformed", "queue_full", "too_old", "db_error", "tun_write",
-                "rate_limit", "unsealable", "disk_full", "bad_source", "quota", "in_doubt")
+                "rate_limit", "unsealable", "disk_full", "bad_source", "quota", "in_doubt",
+                "repeated")
 RETENTION_REASONS = ("age", "size", "disk_full")
 DIRECTIONS = ("tx", "rx")
 CAUSES = ("notify", "poll")
@@ -116,7 +117,8 @@ DROPPED = Counter("pgvpn_packets_dropped", "Packets not carried, by reason: no_r
                   "packet whose source address is not among its sender's addresses and routes), "
                   "quota (over this peer's daily log quota, pgvpn.limits), in_doubt (the batch in "
                   "flight at a failover: not on the new primary, perhaps read on the old one; "
-                  "not sent again).",
+                  "not sent again), repeated (a stored packet whose link sequence number the "
+                  "log holds twice, from rows not written by send_batch(): delivered once).",
                   ["reason"])
 
 BATCHES = Counter("pgvpn_insert_batches", "Sender transactions that logged a batch of packets "

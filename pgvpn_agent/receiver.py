@@ -271,11 +271,17 @@ class Receiver:
         stale = refused = unsealable = forged = malformed = 0
         bad: dict[int, int] = {}  # sender id: packets from a source the sender does not own
         gaps: dict[int, int] = {}  # sender id: sequence numbers missing from the log
+        repeated: dict[int, int] = {}  # sender id: rows whose number came already
         cursor = self.cursor
         sender = -1
         name: str | None = None
         for src, seq, age, payload, offload in rows:
             expected = last.get(src, cursor[src]) + 1
+            if seq < expected:
+                # A number the log holds twice (send_batch() never writes one: only the
+                # owner's own INSERT, or a restore into a live log, can): delivered once.
+                repeated[src] = repeated.get(src, 0) + 1
+                continue
             if seq != expected:
                 gaps[src] = gaps.get(src, 0) + seq - expected
             last[src] = seq
@@ -337,6 +343,11 @@ class Receiver:
                         "(up to %d): lost by the database (retention, a restore)",
                         missing, names.get(src, src), last[src])
             metrics.SEQUENCE_GAPS.labels(names.get(src, str(src))).inc(missing)
+        for src, n in repeated.items():
+            log.warning("receiver: dropped %d stored packets from %s whose sequence numbers "
+                        "the log holds more than once (rows not written by send_batch())",
+                        n, names.get(src, src))
+            metrics.DROPPED.labels("repeated").inc(n)
         if forged:
             log.warning("receiver: dropped %d stored packets whose offload header no kernel "
                         "would have produced", forged)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -38,6 +39,37 @@ def test_a_hole_in_a_link_is_counted_and_delivery_goes_on(make_lab):
     assert stream.close() == [1, 2, 3, 4, *range(10, 21)]
     assert lab.agent_metrics(b)['pgvpn_sequence_gap_packets_total{peer="peer1"}'] == 5
     assert "5 sequence numbers from peer1 are missing from the log" in Path(b.log).read_text()
+
+
+def test_a_number_the_log_holds_twice_is_delivered_once_and_the_agent_stays_up(make_lab):
+    """Only the owner can write around send_batch(): rows copied back in (a restore into a
+    live log) repeat numbers already delivered or about to be. Each goes out once, in order."""
+    lab = make_lab(peers=2)
+    a, b = lab.peers
+    stream = Stream(lab, a, b, port=7952)
+    for n in range(1, 6):
+        assert stream.send(n)
+    stream.wait_count(5, timeout=10)
+    lab.stop_agent(b)
+    for n in range(6, 11):
+        assert stream.send(n)
+    eventually(lambda: _equal(lab.psql("SELECT count(*) FROM pgvpn.packet "
+                                        "WHERE dst_port = 7952"), "10"))
+    # every row of the stream again, a second later: five delivered, five not yet
+    lab.psql("INSERT INTO pgvpn.packet SELECT src_peer, dst_peer, seq, sent_at, "
+             "logged_at + interval '1 second', ip_version, src_addr, dst_addr, protocol, "
+             "src_port, dst_port, length, fragment, payload, offload FROM pgvpn.packet "
+             "WHERE dst_port = 7952")
+    lab.start_agent(b)
+    lab.wait_mesh(30)
+    for n in range(11, 16):
+        assert stream.send(n)
+    stream.wait_count(15, timeout=10)
+    time.sleep(0.5)
+    assert stream.close() == list(range(1, 16))
+    metrics = lab.agent_metrics(b)
+    assert metrics['pgvpn_packets_dropped_total{reason="repeated"}'] == 5, metrics
+    assert metrics['pgvpn_sequence_gap_packets_total{peer="peer1"}'] == 0, metrics
 
 
 def test_retention_counts_rows_no_receiver_read(make_lab):
