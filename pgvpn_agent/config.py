@@ -108,6 +108,8 @@ class Tun:
     # TSO and checksum offload on the TUN: a row holds what the kernel hands over, up to a
     # 64 KB TCP burst (tun.py). Off: one row per wire-sized packet, at several times the cost.
     offload: bool = True
+    # Back-to-back TCP bursts of one flow in a batch joined into one row (bursts.py).
+    join_bursts: bool = True
 
 
 @dataclass(frozen=True)
@@ -212,7 +214,7 @@ def parse(raw: dict[str, Any]) -> Config:
     database = _database(_table(raw, "database", required=True))
 
     tun_raw = _table(raw, "tun")
-    _known(tun_raw, "tun.", {"name", "mtu", "txqueuelen", "offload"})
+    _known(tun_raw, "tun.", {"name", "mtu", "txqueuelen", "offload", "join_bursts"})
     tun_name = _str(tun_raw, "tun.", "name", default="pgvpn0")
     if not re.fullmatch(r"[A-Za-z0-9_.-]{1,15}", tun_name):
         raise ConfigError(f"tun.name: {tun_name!r} is not a valid interface name (1-15 chars)")
@@ -222,6 +224,7 @@ def parse(raw: dict[str, Any]) -> Config:
         txqueuelen=_int(tun_raw, "tun.", "txqueuelen", 1000, lo=10, hi=100_000),
         # Payload mode's NOTIFY carries at most 8000 bytes: no room for a 64 KB burst.
         offload=_bool(tun_raw, "tun.", "offload", mode != "payload"),
+        join_bursts=_bool(tun_raw, "tun.", "join_bursts", True),
     )
     if mode == "payload" and tun.offload:
         raise ConfigError("tun.offload: payload mode cannot carry offloaded bursts (up to 64 KB) "

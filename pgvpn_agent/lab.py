@@ -105,6 +105,7 @@ class Lab:
     mtu: int = 1500
     encrypt: bool = False
     offload: bool = True  # TUN offload (the agent's default; payload mode never has it)
+    join_bursts: bool = True  # tun.join_bursts (bursts.py)
     # `pgvpn db housekeeping` options (keep_days, max_size, on_disk_full, min_free,
     # max_transaction), and its process
     housekeeping: dict[str, Any] = field(default_factory=dict)
@@ -143,7 +144,7 @@ class Lab:
                batch_max: int | None = None, mtu: int = 1500, prefix: str = "pgvpn-lab",
                port: int = 55432, transport: dict[str, Any] | None = None,
                encrypt: bool = False, offload: bool = True, schema: int = 0, tcp: bool = False,
-               pg_settings: dict[str, str] | None = None) -> Lab:
+               pg_settings: dict[str, str] | None = None, join_bursts: bool = True) -> Lab:
         if (workdir / "lab.json").exists():
             raise LabError(f"a lab is already up in {workdir}: run `pgvpn lab down` first")
         labsize.check(peers)
@@ -152,7 +153,8 @@ class Lab:
             tr["batch_max"] = batch_max
         lab = cls(workdir=workdir, prefix=prefix, port=port, mode=mode, transport=tr, mtu=mtu,
                   pg_bin=pg_bin(), encrypt=encrypt, offload=offload and mode != "payload",
-                  schema=schema, tcp=tcp, pg_settings=dict(pg_settings or {}))
+                  schema=schema, tcp=tcp, pg_settings=dict(pg_settings or {}),
+                  join_bursts=join_bursts)
         for i in range(1, peers + 1):
             lab.peers.append(LabPeer(
                 name=f"peer{i}", netns=f"{prefix}{i}", ipv4=f"10.77.{i // 250}.{i % 250}",

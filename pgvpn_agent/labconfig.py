@@ -22,7 +22,8 @@ def agent_config(lab: Lab, peer: LabPeer) -> str:
                     'sslmode = "disable"']
     lines = [f'peer = "{peer.name}"', f'mode = "{lab.mode}"', "", "[database]", *database,
              "", "[tun]", f'name = "{peer.tun}"',
-             f"mtu = {lab.mtu}", f"offload = {json.dumps(lab.offload)}", "",
+             f"mtu = {lab.mtu}", f"offload = {json.dumps(lab.offload)}",
+             f"join_bursts = {json.dumps(lab.join_bursts)}", "",
              "[transport]"]
     transport = dict(lab.transport)
     transport.setdefault("state_file", str(lab.workdir / f"{peer.name}.state.json"))

@@ -124,6 +124,9 @@ DROPPED = Counter("pgvpn_packets_dropped", "Packets not carried, by reason: no_r
 BATCHES = Counter("pgvpn_insert_batches", "Sender transactions that logged a batch of packets "
                   "(payload mode: that notified one).")
 ROWS = Counter("pgvpn_rows_inserted", "Rows inserted into pgvpn.packet (0 in payload mode).")
+BURSTS_JOINED = Counter("pgvpn_tcp_bursts_joined", "TCP bursts read from the TUN that went into "
+                        "the row of an earlier burst of their flow (tun.join_bursts): rows "
+                        "saved.")
 BATCH_SIZE = Histogram("pgvpn_insert_batch_size_packets", "Packets per sender transaction.",
                        buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 4096))
 INSERT_SECONDS = Histogram("pgvpn_insert_duration_seconds", "Wall time of one batch "

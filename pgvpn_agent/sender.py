@@ -14,7 +14,7 @@ from collections import deque
 
 import psycopg
 
-from pgvpn_agent import db, faults, metrics, payload, seal, tun, wire
+from pgvpn_agent import bursts, db, faults, metrics, payload, seal, tun, wire
 from pgvpn_agent.config import Config
 from pgvpn_agent.delivered import Delivered
 from pgvpn_agent.highwater import HighWater
@@ -265,6 +265,10 @@ class Sender(LinkRecovery):
         r_payload: list[bytes] = []
         r_offload: list[bytes | None] = []
         malformed = no_route = stale = 0
+        if self.config.tun.join_bursts:
+            batch, joined = bursts.join(batch)
+            if joined:
+                metrics.BURSTS_JOINED.inc(joined)
         vnet = tun.VNET_SIZE
         no_offload = tun.NO_OFFLOAD
         # Captured longer ago than max_age (an outage's queue): this host's clock against itself.
