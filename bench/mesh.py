@@ -154,12 +154,13 @@ def measure(lab: Lab, phase: Phase, rep: int, seconds: float, idle_s: float,
 
 
 @contextmanager
-def lab_of(peers: int, tag: str, sealed: bool = False) -> Iterator[Lab]:
+def lab_of(peers: int, tag: str, **options: Any) -> Iterator[Lab]:
+    """A lab of `peers`; `options` go to Lab.create (encrypt, join_bursts)."""
     workdir = Path(tempfile.mkdtemp(prefix="pgvpn-mesh-", dir="/tmp"))
     workdir.chmod(0o755)
     pid = os.getpid()
     lab = Lab.create(workdir, peers=peers, prefix=f"pgvm{pid % 10000}{tag}-",
-                     port=58000 + (pid * 7 + peers) % 1000, encrypt=sealed)
+                     port=58000 + (pid * 7 + peers) % 1000, **options)
     try:
         lab.up()
         yield lab
@@ -168,7 +169,8 @@ def lab_of(peers: int, tag: str, sealed: bool = False) -> Iterator[Lab]:
 
 
 def run(peers: int, reps: int, seconds: float, idle_s: float, phases: tuple[Phase, ...],
-        congestion: str | None = None, sealed: bool = False) -> list[Sample]:
+        congestion: str | None = None, lab_options: dict[str, Any] | None = None
+        ) -> list[Sample]:
     samples: list[Sample] = []
     progress = Progress(reps * len(phases))
     try:
@@ -177,7 +179,7 @@ def run(peers: int, reps: int, seconds: float, idle_s: float, phases: tuple[Phas
                 todo = [p for p in phases if p.lab == which]
                 if not todo:
                     continue
-                with lab_of(size, "a" if which == "two" else "b", sealed) as lab:
+                with lab_of(size, "a" if which == "two" else "b", **(lab_options or {})) as lab:
                     for phase in todo:
                         progress.step(Variant(phase.key, meshreport.label(phase.key, size)),
                                       rep, reps)
@@ -213,6 +215,8 @@ def main(argv: list[str] | None = None) -> int:
                         "(default: the kernel's, cubic)")
     p.add_argument("--sealed", action="store_true",
                    help="labs with [encryption]: small batches ride in their notification")
+    p.add_argument("--no-join", action="store_true",
+                   help="agents with tun.join_bursts = false: each TCP burst its own row")
     args = p.parse_args(argv)
     unknown = set(args.only or ()) - {ph.key for ph in PHASES}
     if unknown or args.peers < 4:
@@ -222,10 +226,10 @@ def main(argv: list[str] | None = None) -> int:
     meta = {"peers": args.peers, "seconds": args.seconds, "idle_seconds": args.idle,
             "reps": args.reps, "started": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
             "loadavg_before": os.getloadavg()[0], "congestion": args.congestion or "default",
-            "sealed": args.sealed}
+            "sealed": args.sealed, "join_bursts": not args.no_join}
     try:
         samples = run(args.peers, args.reps, args.seconds, args.idle, phases,
-                      args.congestion, args.sealed)
+                      args.congestion, {"encrypt": args.sealed, "join_bursts": not args.no_join})
     except LabError as exc:
         print(f"pgvpn bench mesh: error: {exc}", file=sys.stderr)
         return 2
