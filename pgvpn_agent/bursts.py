@@ -49,7 +49,7 @@ class _Open:
         "size",
     )
 
-    def __init__(self, index: int, sent_at: float, head: bytes, payload: bytes, mss: int,
+    def __init__(self, index: int, sent_at: float, head: bytes, payload: memoryview, mss: int,
                  next_seq: int, tcp: bytes, ipv6: bool, ihl: int) -> None:
         self.index = index
         self.sent_at = sent_at
@@ -169,25 +169,26 @@ def _same_shape(o: _Open, ip_head: bytes, tcp: bytes) -> bool:
 
 
 def _flow_key(raw: bytes) -> bytes | None:
-    p = raw[_V:]
-    if len(p) < 40:
+    """The flow of a TCP packet that is not joined (it closes its flow's joining)."""
+    if len(raw) < _V + 40:
         return None
-    v = p[0] >> 4
-    if v == 4 and p[9] == TCP:
-        ihl = (p[0] & 15) * 4
-        return p[12:20] + p[ihl:ihl + 4]
-    if v == 6 and len(p) >= 60 and p[6] == TCP:
-        return p[8:40] + p[40:44]
+    v = raw[_V] >> 4
+    if v == 4 and raw[_V + 9] == TCP:
+        ihl = (raw[_V] & 15) * 4
+        return raw[_V + 12:_V + 20] + raw[_V + ihl:_V + ihl + 4]
+    if v == 6 and len(raw) >= _V + 60 and raw[_V + 6] == TCP:
+        return raw[_V + 8:_V + 40] + raw[_V + 40:_V + 44]
     return None
 
 
-def _parse(raw: bytes) -> tuple[bytes, bool, int, bytes, bytes, bytes, int, int] | None:
+def _parse(raw: bytes) -> tuple[bytes, bool, int, bytes, bytes, memoryview, int, int] | None:
     """A TCP data burst that may be joined: (flow, ipv6, ip header length, ip header, tcp
-    header, payload, segment size, sequence number), or None."""
+    header, payload, segment size, sequence number), or None. The payload is a view: a burst
+    left alone is not copied."""
     if len(raw) < _V + 40:
         return None
     flags, gso_type, _, gso_size, csum_start, csum_offset = _VNET.unpack_from(raw)
-    p = raw[_V:]
+    p = memoryview(raw)[_V:]
     v = p[0] >> 4
     if v == 4:
         ihl = (p[0] & 15) * 4
@@ -217,6 +218,7 @@ def _parse(raw: bytes) -> tuple[bytes, bool, int, bytes, bytes, bytes, int, int]
         mss = payload_len
     else:
         return None
-    key = (p[12:20] if v == 4 else p[8:40]) + p[ihl:ihl + 4]
+    key = bytes(p[12:20] if v == 4 else p[8:40]) + bytes(p[ihl:ihl + 4])
     seq = struct.unpack_from("!I", p, ihl + 4)[0]
-    return key, v == 6, ihl, p[:ihl], p[ihl:ihl + tcp_len], p[ihl + tcp_len:], mss, seq
+    return (key, v == 6, ihl, bytes(p[:ihl]), bytes(p[ihl:ihl + tcp_len]), p[ihl + tcp_len:],
+            mss, seq)
