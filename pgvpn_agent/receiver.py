@@ -18,6 +18,7 @@ from pgvpn_agent import carried, db, faults, metrics, seal, tun
 from pgvpn_agent.config import Config
 from pgvpn_agent.delivered import Delivered
 from pgvpn_agent.highwater import ExitCursors
+from pgvpn_agent.pagecount import PageCount
 from pgvpn_agent.payload import deliver as deliver_payloads
 from pgvpn_agent.schema import check_version
 from pgvpn_agent.stopping import Stop, notifications
@@ -332,40 +333,8 @@ class Receiver:
         self.cursor.update(last)
         self.delivered.post(last)
         self._save_overdue()  # at once with save_delay = 0
-        if stale:
-            metrics.DROPPED.labels("too_old").inc(stale)
-        if refused:
-            metrics.DROPPED.labels("tun_write").inc(refused)
-        if unsealable:
-            metrics.DROPPED.labels("unsealable").inc(unsealable)
-        for src, missing in gaps.items():
-            log.warning("receiver: %d sequence numbers from %s are missing from the log "
-                        "(up to %d): lost by the database (retention, a restore)",
-                        missing, names.get(src, src), last[src])
-            metrics.SEQUENCE_GAPS.labels(names.get(src, str(src))).inc(missing)
-        for src, n in repeated.items():
-            log.warning("receiver: dropped %d stored packets from %s whose sequence numbers "
-                        "the log holds more than once (rows not written by send_batch())",
-                        n, names.get(src, src))
-            metrics.DROPPED.labels("repeated").inc(n)
-        if forged:
-            log.warning("receiver: dropped %d stored packets whose offload header no kernel "
-                        "would have produced", forged)
-            metrics.DROPPED.labels("malformed").inc(forged)
-        if malformed:
-            log.warning("receiver: dropped %d stored packets that are not IPv4 or IPv6 or "
-                        "too short to hold a source address", malformed)
-            metrics.DROPPED.labels("malformed").inc(malformed)
-        if bad:
-            log.warning("receiver: dropped stored packets whose source address is not among "
-                        "their sender's addresses and routes: %s", ", ".join(
-                            f"{n} from {names.get(s, f'peer id {s} (not in the config)')}"
-                            for s, n in bad.items()))
-            metrics.DROPPED.labels("bad_source").inc(sum(bad.values()))
-        for src, (n, size) in per_link.items():
-            metrics.PACKETS.labels("rx", self.names[src]).inc(n)
-            metrics.BYTES.labels("rx", self.names[src]).inc(size)
-            metrics.LAST_PACKET.labels("rx", self.names[src]).set(done)
+        PageCount(stale, refused, unsealable, forged, malformed, bad, gaps, repeated,
+                  per_link).report(names, last, done)
         if not opened:
             metrics.DELIVERY_SECONDS.observe_batch([age + late for age in delivered])
 
