@@ -8,8 +8,8 @@ segment for the receiving stack, like a NIC's large receive offload.
 
 Only what the receiving stack would take as one stream of bytes is joined: the same flow, the
 next sequence number, ACK segments of one size (a PSH is kept: the joined bytes arrive at
-once), no IP options or extension
-headers, the TCP options differing at most in the timestamps' values. The joined packet keeps the
+once), no IP options or extension headers, the TCP options differing at most in the
+timestamps' values. The joined packet keeps the
 first burst's IP header and sequence number and takes the last one's acknowledgment, window,
 flags and timestamps (what a receiver acts on), as FreeBSD's tcp_lro does.
 """
@@ -73,8 +73,7 @@ def _fold(s: int) -> int:
 
 
 def _sum16(data: bytes) -> int:
-    if len(data) % 2:
-        data += b"\0"
+    """One's complement sum of 16-bit words, unfolded (headers only: always an even length)."""
     return sum(struct.unpack(f"!{len(data) // 2}H", data))
 
 
@@ -83,9 +82,8 @@ def _finish(o: _Open) -> bytes:
     ihl = o.ihl
     tcp = o.last_tcp
     thl = len(tcp)
-    first_tcp = o.head[ihl:]
-    # seq from the first burst, everything else from the last one
-    tcp_hdr = first_tcp[:4] + first_tcp[4:8] + tcp[8:16] + b"\0\0" + tcp[18:]
+    # ports and seq from the first burst, everything else from the last one
+    tcp_hdr = o.head[ihl:ihl + 8] + tcp[8:16] + b"\0\0" + tcp[18:]
     tcp_len = thl + o.size
     if o.ipv6:
         ip = bytearray(o.head[:40])
@@ -218,7 +216,8 @@ def _parse(raw: bytes) -> tuple[bytes, bool, int, bytes, bytes, memoryview, int,
         mss = payload_len
     else:
         return None
-    key = bytes(p[12:20] if v == 4 else p[8:40]) + bytes(p[ihl:ihl + 4])
+    key = _flow_key(raw)
+    assert key is not None
     seq = struct.unpack_from("!I", p, ihl + 4)[0]
     return (key, v == 6, ihl, bytes(p[:ihl]), bytes(p[ihl:ihl + tcp_len]), p[ihl + tcp_len:],
             mss, seq)
