@@ -17,6 +17,10 @@ from tests.integration.pump import Pump
 pytestmark = pytest.mark.integration
 
 PORT = 7793
+# A busy backend flushes its index statistics at most once a second, so the scans counted over
+# WINDOW seconds are those of WINDOW +- 1 s while the fetches are exact: reading only the named
+# link gives about 1.0 link per fetch (+-1/WINDOW), reading both about 2.0 (+-2/WINDOW).
+WINDOW = 8
 # index scans of the log's day partitions, and how many partitions there are
 SCANS = """SELECT sum(s.idx_scan), count(DISTINCT i.inhrelid) FROM pg_catalog.pg_inherits i
            JOIN pg_catalog.pg_stat_user_indexes s ON s.relid = i.inhrelid
@@ -47,7 +51,7 @@ def test_a_batch_without_wake_up_arrives_within_a_poll_interval_while_others_flo
         # c has two incoming links; each fetch probes each link it names in every partition
         scanned, partitions = scans(lab)
         fetched = lab.agent_metrics(c)[fetches]
-        time.sleep(4)
+        time.sleep(WINDOW)
         links_per_fetch = ((scans(lab)[0] - scanned) / partitions
                            / max(1.0, lab.agent_metrics(c)[fetches] - fetched))
         before = lab.agent_metrics(c)
@@ -80,4 +84,4 @@ def test_a_batch_without_wake_up_arrives_within_a_poll_interval_while_others_flo
         assert after["pgvpn_carried_packets_total"] > before["pgvpn_carried_packets_total"]
     else:
         # a wake-up reads the link it names; every link only once a poll interval (2.0: all)
-        assert links_per_fetch < 1.3, f"{links_per_fetch:.2f} links read per fetch"
+        assert links_per_fetch < 1.4, f"{links_per_fetch:.2f} links read per fetch"
