@@ -130,7 +130,8 @@ def _parser() -> argparse.ArgumentParser:
 
     sub.add_parser("bench", help="benchmark the transport variants beside OpenVPN "
                    "(see `pgvpn bench -h`); `pgvpn bench soak`: the database's limits; "
-                   "`pgvpn bench mesh`: many peers at once against one pair")
+                   "`pgvpn bench mesh`: many peers at once against one pair; "
+                   "`pgvpn bench rtt`: an idle round trip in stages beside its floor")
 
     filters = argparse.ArgumentParser(add_help=False)
     src = filters.add_mutually_exclusive_group()
@@ -193,6 +194,10 @@ def _bench(argv: list[str]) -> int:
         from bench.mesh import main as mesh_main
 
         return mesh_main(argv[1:])
+    if argv[:1] == ["rtt"]:
+        from bench.rtt import main as rtt_main
+
+        return rtt_main(argv[1:])
     from bench.tunnel import main as bench_main
 
     return bench_main(argv)

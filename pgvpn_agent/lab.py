@@ -27,6 +27,7 @@ from pgvpn_agent.labhost import (
     LabError,
     add_namespace,
     alive,
+    claim_namespaces,
     mgmt_block,
     pg_bin,
     role,
@@ -173,6 +174,7 @@ class Lab:
         for tool in ("ip", "ping", "runuser"):
             if shutil.which(tool) is None:
                 raise LabError(f"`{tool}` is not installed (apt-get install iproute2 iputils-ping)")
+        claim_namespaces([p.netns for p in self.peers], self.workdir)
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.save()
         try:

@@ -92,6 +92,25 @@ def mgmt_block() -> Iterator[ipaddress.IPv4Network]:
         yield free_mgmt_block()
 
 
+def claim_namespaces(names: list[str], workdir: Path) -> None:
+    """Before a lab makes anything: a namespace of its name that processes still use belongs
+    to another lab (same prefix, another work dir), which a failed start must not tear down;
+    one nobody uses is a crashed lab's leftover, removed."""
+    existing = set(subprocess.run(["ip", "netns", "list"], capture_output=True,
+                                  text=True).stdout.split())
+    for name in names:
+        if name not in existing:
+            continue
+        pids = subprocess.run(["ip", "netns", "pids", name], capture_output=True,
+                              text=True).stdout.split()
+        if pids:
+            raise LabError(f"network namespace {name} is in use by process {', '.join(pids)}: "
+                           f"another lab with the same names is up; stop it (`pgvpn lab down "
+                           f"--dir ITS_DIR`) before starting one in {workdir}")
+        run(["ip", "-n", name, "link", "del", MGMT_IF], check=False)
+        run(["ip", "netns", "del", name])
+
+
 def add_namespace(netns: str, mgmt_if: str, mgmt_host: str, metrics_host: str) -> None:
     """A peer's namespace and its management veth pair (/31: root side `mgmt_host`)."""
     run(["ip", "netns", "add", netns])

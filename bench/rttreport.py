@@ -1,0 +1,120 @@
+"""`pgvpn bench rtt`'s outputs: a Markdown table, every sample as JSON, a stacked-bar chart."""
+
+from __future__ import annotations
+
+import json
+import statistics
+import time
+from pathlib import Path
+from typing import Any
+
+from bench.rttstages import KERNEL, STAGES
+from bench.tunnel import percentile
+
+DIRECTIONS = (("out", "echo request"), ("back", "echo reply"))
+
+
+def _med(values: list[float]) -> float | None:
+    return statistics.median(values) if values else None
+
+
+def _f(v: float | None, spec: str = "{:.2f}") -> str:
+    return "-" if v is None else spec.format(v)
+
+
+def summary(runs: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """Per variant, every rep pooled: median ping, median of every stage (ms), the floor."""
+    out: dict[str, dict[str, Any]] = {}
+    for key in dict.fromkeys(r["key"] for r in runs):
+        mine = [r for r in runs if r["key"] == key]
+        trips = [t for r in mine for t in r["trips"]]
+        stages = {name: _med([t[name] * 1e3 for t in trips])
+                  for name in [f"{d}.{s}" for d, _ in DIRECTIONS for s, _ in STAGES]
+                  + ["kernel", "total"]}
+        out[key] = {
+            "key": key,
+            "ping_p50": percentile([p for r in mine for p in r["ping_ms"]], 0.5),
+            "ping_p99": percentile([p for r in mine for p in r["ping_ms"]], 0.99),
+            "trips": len(trips), "stages": stages,
+            "fsync_us": _med([r["fsync"]["us"] for r in mine]),
+            "wal_sync_method": mine[0]["fsync"]["method"],
+            "commit": _med([r["floor_ms"]["commit"] for r in mine]),
+            "floor_logged": _med([2 * r["floor_ms"]["logged"] for r in mine]),
+            "floor_carried": _med([2 * r["floor_ms"]["carried"] for r in mine]),
+        }
+    return out
+
+
+def markdown(runs: list[dict[str, Any]]) -> str:
+    s = summary(runs)
+    keys = list(s)
+    lines = ["| | " + " | ".join(keys) + " |", "|---|" + "---|" * len(keys)]
+
+    def row(label: str, f: Any) -> None:
+        lines.append(f"| {label} | " + " | ".join(f(s[k]) for k in keys) + " |")
+
+    row("**idle ping p50 / p99 ms**",
+        lambda v: f"**{_f(v['ping_p50'])}** / {_f(v['ping_p99'])}")
+    row("round trips cut into stages", lambda v: str(v["trips"]))
+    for d, what in DIRECTIONS:
+        for name, label in STAGES:
+            row(f"{what}: {label}", lambda v, n=f"{d}.{name}": _f(v["stages"][n]))
+        if d == "out":
+            row(KERNEL, lambda v: _f(v["stages"]["kernel"]))
+    row("sum of the stages (median of each trip's total)", lambda v: _f(v["stages"]["total"]))
+    row("floor: a WAL flush (pg_test_fsync, one 8 kB write), ms",
+        lambda v: f"{_f(v['fsync_us'] / 1e3, '{:.3f}')} ({v['wal_sync_method']})")
+    row("floor: INSERT + COMMIT round trip, ms", lambda v: _f(v["commit"], "{:.3f}"))
+    row("floor: round trip the seed's way (2 x INSERT + NOTIFY, wake, SELECT by id)",
+        lambda v: _f(v["floor_logged"]))
+    row("floor: round trip carried (2 x INSERT + NOTIFY, wake)",
+        lambda v: _f(v["floor_carried"]))
+    row("idle ping / floor (logged: the seed's way; sealed: carried)",
+        lambda v: _f((v["ping_p50"] or 0) / (v["floor_carried"] if "sealed" in v["key"]
+                                              else v["floor_logged"]), "{:.2f}x"))
+    return "\n".join(lines) + "\n"
+
+
+def write(runs: list[dict[str, Any]], meta: dict[str, Any], out: Path) -> list[Path]:
+    out.mkdir(parents=True, exist_ok=True)
+    stamp = time.strftime("%Y%m%d-%H%M%S", time.gmtime())
+    md, js, png = (out / f"rtt-{stamp}.{ext}" for ext in ("md", "json", "png"))
+    s = summary(runs)
+    md.write_text(f"# pgvpn bench rtt, {meta['started']}\n\n{len(runs)} labs, "
+                  f"{meta['pings']} pings each, load average {meta['loadavg_before']:.2f} "
+                  f"before, {meta['loadavg_after']:.2f} after\n\n" + markdown(runs))
+    js.write_text(json.dumps({"meta": meta, "runs": runs, "summary": s}, indent=1))
+    chart(s, png)
+    return [md, js, png]
+
+
+def chart(s: dict[str, dict[str, Any]], path: Path) -> None:
+    """One stacked bar per variant (its stages, both directions added) beside the floors."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(9, 1.2 + 0.6 * (len(s) + 2)))
+    labels = []
+    for i, (key, v) in enumerate(s.items()):
+        left = 0.0
+        for name, label in [*STAGES, ("kernel", KERNEL)]:
+            width = sum(v["stages"].get(f"{d}.{name}") or 0 for d, _ in DIRECTIONS) \
+                if name != "kernel" else (v["stages"]["kernel"] or 0)
+            ax.barh(i, width, left=left, color=f"C{[n for n, _ in STAGES].index(name)}"
+                    if name != "kernel" else "0.6", label=label.split(":")[0] if i == 0 else None)
+            left += width
+        labels.append(f"{key} (ping p50 {_f(v['ping_p50'])} ms)")
+    first = next(iter(s.values()))
+    for j, (name, value) in enumerate((("floor: the seed's way", first["floor_logged"]),
+                                       ("floor: carried", first["floor_carried"]))):
+        ax.barh(len(s) + j, value or 0, color="0.3")
+        labels.append(f"{name} ({_f(value)} ms)")
+    ax.set_yticks(range(len(labels)), labels)
+    ax.invert_yaxis()
+    ax.set_xlabel("ms (medians; both directions of each stage added)")
+    ax.legend(fontsize=7, loc="lower right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
