@@ -6,7 +6,9 @@ below what it saw committed. Continuing from there would reuse sequence numbers 
 have already passed, and they would skip the new packets. The sender compares, says so loudly,
 and moves the link past everything it ever saw committed: receivers see a hole (counted), never
 a skip or a repeat. The marks live in memory and, so that a restart of the agent does not forget
-them, in a small file rewritten at most once a second (`transport.state_file`).
+them, in a small file rewritten at most once a second (`transport.state_file`) by a thread of
+its own: the write is synced twice (file and directory), and on a slow disk that took
+milliseconds from the sender's path once a second.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import threading
 import time
 from pathlib import Path
 
@@ -29,6 +32,11 @@ class HighWater:
         self.marks: dict[str, int] = {}
         self.dirty = False
         self.written_at = 0.0
+        self._writing = threading.Lock()  # one write of the file at a time
+        self._due = threading.Event()
+        self._closed = False
+        self._writer: threading.Thread | None = None
+        self._failure: BaseException | None = None
         if path is not None:
             try:
                 raw = json.loads(path.read_text())
@@ -50,20 +58,54 @@ class HighWater:
                 if peer in committed and committed[peer] < mark}
 
     def flush(self, force: bool = False) -> None:
-        """Write the marks (atomically, synced) if they changed, at most once per WRITE_EVERY."""
+        """Write the marks if they changed, at most once per WRITE_EVERY, in the writer thread;
+        `force`: now, in the caller's thread, before it goes on (a mark that must survive a
+        crash that could follow)."""
+        if self._failure is not None:
+            raise RuntimeError("the sequence marks' writer failed") from self._failure
         if self.path is None or not self.dirty:
             return
+        if force:
+            self._write()
+            return
         now = time.monotonic()
-        if not force and now - self.written_at < WRITE_EVERY:
+        if now - self.written_at < WRITE_EVERY:
             return
         self.written_at = now
+        if self._writer is None:
+            self._writer = threading.Thread(target=self._run, name="highwater", daemon=True)
+            self._writer.start()
+        self._due.set()
+
+    def close(self) -> None:
+        """Stop the writer thread (after a last `flush(force=True)`)."""
+        self._closed = True
+        self._due.set()
+        if self._writer is not None:
+            self._writer.join()
+
+    def _run(self) -> None:
         try:
-            write_json(self.path, self.marks)
-        except OSError as exc:
-            log.warning("sender: cannot write %s (%s); a restart would forget the sequence "
-                        "marks (tried again in %.0fs)", self.path, exc, WRITE_EVERY)
-            return
-        self.dirty = False
+            while True:
+                self._due.wait()
+                self._due.clear()
+                if self._closed:
+                    return
+                self._write()
+        except BaseException as exc:  # raised in the sender's thread at its next flush
+            self._failure = exc
+
+    def _write(self) -> None:
+        assert self.path is not None
+        with self._writing:
+            self.dirty = False  # before the copy: a mark seen meanwhile makes it dirty again
+            marks = dict(self.marks)
+            try:
+                write_json(self.path, marks)
+            except OSError as exc:
+                self.dirty = True
+                log.warning("sender: cannot write %s (%s); a restart would forget the sequence "
+                            "marks (tried again in %.0fs)", self.path, exc, WRITE_EVERY)
 
 
 def write_json(path: Path, value: object) -> None:

@@ -117,6 +117,7 @@ class Sender(LinkRecovery):
                 self.highwater.flush()
         finally:
             self.highwater.flush(force=True)
+            self.highwater.close()
             if self.conn is not None:
                 self.conn.close()
             metrics.DB_UP.labels("tx").set(0)
