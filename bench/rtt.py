@@ -4,9 +4,10 @@ The floor is what no design that logs a packet durably before delivering it can 
 WAL flush (`pg_test_fsync`, the server's `wal_sync_method`), and on the lab's own PostgreSQL one
 direction as the seed did it (INSERT and pg_notify, the listener woken, the row read back by
 id) and as a sealed pair does it (the row rides in the notification: no read). Twice that is a
-round trip's floor. Beside it, idle pings through `pgvpn lab` (agents on TCP, so that their
-database traffic can be captured), each cut into stages (bench/rttstages.py) from captures of
-both TUN devices and both agents' connections on one clock. Variants alternate, round-robin.
+round trip's floor. Beside it, idle pings through the seed's Go program (bench/seed_go) and through
+`pgvpn lab` (agents on TCP, so that their database traffic can be captured), each pgvpn ping
+cut into stages (bench/rttstages.py) from captures of both TUN devices and both agents'
+connections on one clock. Variants alternate, round-robin.
 """
 
 from __future__ import annotations
@@ -28,12 +29,14 @@ from typing import Any
 
 import psycopg
 
-from bench import rttreport
+from bench import rttreport, tunnel
 from bench.rttstages import Echo, Frame, round_trips
+from bench.testbeds import Variant, testbed
 from bench.tunnel import RESULTS, percentile
 from pgvpn_agent.lab import Lab, LabError
 
-VARIANTS = {"logged": False, "logged-sealed": True}  # key: sealed payloads
+# key: sealed payloads (None: the seed's Go program, whose round trip is not cut into stages)
+VARIANTS: dict[str, bool | None] = {"seed-go": None, "logged": False, "logged-sealed": True}
 FLOOR_ROUNDS = 200
 
 
@@ -63,8 +66,8 @@ def fsync_us(lab: Lab) -> dict[str, Any]:
 
 def floor_ms(lab: Lab, rounds: int) -> dict[str, float]:
     """Median milliseconds of one direction, the seed's way and the carried way, on the lab's
-    PostgreSQL over the same TCP path as the agents (a scratch database, superuser)."""
-    host = lab.peers[0].mgmt_host
+    PostgreSQL over the agents' path to it (TCP, or its socket; a scratch database, superuser)."""
+    host = lab.peers[0].mgmt_host if lab.tcp else str(lab.sockdir)
     base = f"host={host} port={lab.port} user=postgres"
     with psycopg.connect(f"{base} dbname=postgres", autocommit=True) as admin:
         admin.execute("DROP DATABASE IF EXISTS rttfloor")
@@ -161,25 +164,38 @@ def parse(lab: Lab, files: list[Path]) -> tuple[list[Echo], list[Frame]]:
     return echoes, frames
 
 
-def measure(sealed: bool, pings: int, workdir: Path) -> dict[str, Any]:
-    """One fresh lab: the floor, then captured idle pings cut into stages."""
+def ping_ms(lab: Lab, pings: int) -> list[float]:
+    a, b = lab.peers[:2]
+    out = lab.exec(a, ["ping", "-n", "-c", str(pings), "-i", "0.05", "-W", "2", b.ipv4])
+    return [float(t) for t in re.findall(r" time=([\d.]+) ms", out.stdout)]
+
+
+def measure(sealed: bool | None, pings: int, workdir: Path) -> dict[str, Any]:
+    """One fresh lab: the floor, then idle pings, captured and cut into stages (pgvpn)."""
     pid = os.getpid()
-    lab = Lab.create(workdir / "lab", prefix=f"pgvr{pid}-", port=58000 + pid % 1000, tcp=True,
-                     encrypt=sealed)
+    prefix, port = f"pgvr{pid}-", 58000 + pid % 1000
+    if sealed is None:
+        with testbed(seed_go_variant(), workdir / "lab", prefix, port) as bed:
+            return {"sealed": False, "fsync": fsync_us(bed.lab),
+                    "floor_ms": floor_ms(bed.lab, FLOOR_ROUNDS),
+                    "ping_ms": ping_ms(bed.lab, pings), "trips": []}
+    lab = Lab.create(workdir / "lab", prefix=prefix, port=port, tcp=True, encrypt=sealed)
     try:
         lab.up()
         fsync = fsync_us(lab)
         floor = floor_ms(lab, FLOOR_ROUNDS)
-        a, b = lab.peers[:2]
         with capture(lab, workdir) as files:
-            out = lab.exec(a, ["ping", "-n", "-c", str(pings), "-i", "0.05", "-W", "2", b.ipv4])
-        rtts = [float(t) for t in re.findall(r" time=([\d.]+) ms", out.stdout)]
+            rtts = ping_ms(lab, pings)
         echoes, frames = parse(lab, files)
         trips = round_trips(echoes, frames)
     finally:
         lab.down()
     return {"sealed": sealed, "fsync": fsync, "floor_ms": floor, "ping_ms": rtts,
             "trips": trips}
+
+
+def seed_go_variant() -> Variant:
+    return next(v for v in tunnel.VARIANTS if v.key == "seed-go")
 
 
 def main(argv: list[str] | None = None) -> int:

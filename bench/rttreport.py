@@ -12,6 +12,8 @@ from bench.rttstages import KERNEL, STAGES
 from bench.tunnel import percentile
 
 DIRECTIONS = (("out", "echo request"), ("back", "echo reply"))
+LEGEND = {"sender": "sender agent", "commit": "commit and wake-up", "receiver": "receiver agent",
+          "fetch": "fetch", "deliver": "delivery", "kernel": "echo (kernel)"}
 
 
 def _med(values: list[float]) -> float | None:
@@ -96,17 +98,23 @@ def chart(s: dict[str, dict[str, Any]], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(9, 1.2 + 0.6 * (len(s) + 2)))
-    labels = []
+    labels: list[str] = []
+    drawn = False
     for i, (key, v) in enumerate(s.items()):
+        labels.append(f"{key} (ping p50 {_f(v['ping_p50'])} ms)")
+        if not v["trips"]:  # the seed's program: its ping alone
+            ax.barh(i, v["ping_p50"] or 0, color="0.75", hatch="//",
+                    label="ping, not cut into stages")
+            continue
         left = 0.0
-        for name, label in [*STAGES, ("kernel", KERNEL)]:
+        for name, _ in [*STAGES, ("kernel", KERNEL)]:
             width = sum(v["stages"].get(f"{d}.{name}") or 0 for d, _ in DIRECTIONS) \
                 if name != "kernel" else (v["stages"]["kernel"] or 0)
             ax.barh(i, width, left=left, color=f"C{[n for n, _ in STAGES].index(name)}"
-                    if name != "kernel" else "0.6", label=label.split(":")[0] if i == 0 else None)
+                    if name != "kernel" else "0.6", label=None if drawn else LEGEND[name])
             left += width
-        labels.append(f"{key} (ping p50 {_f(v['ping_p50'])} ms)")
-    first = next(iter(s.values()))
+        drawn = True
+    first = s.get("logged") or next(iter(s.values()))  # its floor: the agents' TCP path
     for j, (name, value) in enumerate((("floor: the seed's way", first["floor_logged"]),
                                        ("floor: carried", first["floor_carried"]))):
         ax.barh(len(s) + j, value or 0, color="0.3")

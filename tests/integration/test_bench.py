@@ -126,8 +126,8 @@ def test_short_mesh_writes_table_json_and_chart(tmp_path):
 
 
 def test_rtt_cuts_idle_pings_into_stages_beside_the_floor(tmp_path):
-    """`pgvpn bench rtt`: both variants, every captured round trip cut into stages that add up
-    to it, the floor measured on the same PostgreSQL."""
+    """`pgvpn bench rtt`: the seed's Go program and both pgvpn variants, every captured pgvpn
+    round trip cut into stages that add up to it, the floor measured on the same PostgreSQL."""
     proc = subprocess.run(
         [sys.executable, "-m", "pgvpn_agent", "bench", "rtt", "--reps", "1", "--pings", "8",
          "--out", str(tmp_path)], capture_output=True, text=True, timeout=300)
@@ -135,9 +135,15 @@ def test_rtt_cuts_idle_pings_into_stages_beside_the_floor(tmp_path):
     md, js, png = (sorted(tmp_path.glob(f"rtt-*.{ext}")) for ext in ("md", "json", "png"))
     assert len(md) == len(js) == len(png) == 1, list(tmp_path.iterdir())
     report = json.loads(js[0].read_text())
-    assert [r["key"] for r in report["runs"]] == ["logged", "logged-sealed"]
+    assert [r["key"] for r in report["runs"]] == ["seed-go", "logged", "logged-sealed"]
     for run in report["runs"]:
         assert len(run["ping_ms"]) == 8, run["key"]
+        floor = run["floor_ms"]
+        assert floor["commit"] > 0 and 0 < floor["carried"] < floor["logged"]
+        assert run["fsync"]["us"] > 0 and run["fsync"]["method"] == "fdatasync"
+        if run["key"] == "seed-go":
+            assert run["trips"] == [], "the seed's program: its ping, no stages"
+            continue
         assert len(run["trips"]) >= 6, f"{run['key']}: most pings cut into stages"
         for trip in run["trips"]:
             parts = sum(v for k, v in trip.items() if k != "total")
@@ -148,9 +154,6 @@ def test_rtt_cuts_idle_pings_into_stages_beside_the_floor(tmp_path):
             assert len(fetched) <= 1, run["trips"]
         else:
             assert len(fetched) == len(run["trips"])
-        floor = run["floor_ms"]
-        assert floor["commit"] > 0 and 0 < floor["carried"] < floor["logged"]
-        assert run["fsync"]["us"] > 0 and run["fsync"]["method"] == "fdatasync"
     table = md[0].read_text()
     assert "| floor: a WAL flush (pg_test_fsync, one 8 kB write), ms |" in table
     assert png[0].read_bytes().startswith(b"\x89PNG\r\n\x1a\n")
