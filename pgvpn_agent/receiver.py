@@ -14,7 +14,7 @@ import time
 import psycopg
 from psycopg import sql
 
-from pgvpn_agent import carried, db, faults, metrics, seal, tun
+from pgvpn_agent import carried, db, faults, metrics, seal, tun, wire
 from pgvpn_agent.config import Config
 from pgvpn_agent.delivered import Delivered
 from pgvpn_agent.highwater import ExitCursors
@@ -210,8 +210,9 @@ class Receiver:
             limit = max(1, min(fetch_max, int(PAGE_BYTES / self.row_bytes)))
             started = time.perf_counter()
             cur = self.conn.cursor(binary=True)
-            cur.execute(FETCH, (self.config.transport.max_age, links,
-                                [self.cursor[s] for s in links], self.me, limit), prepare=True)
+            cur.execute(FETCH, (self.config.transport.max_age, wire.fixed("int2", links),
+                                wire.fixed("int8", [self.cursor[s] for s in links]), self.me,
+                                limit), prepare=True)
             rows = cur.fetchall()
             metrics.FETCH_SECONDS.observe(time.perf_counter() - started)
             if not rows:
