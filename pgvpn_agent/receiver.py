@@ -113,9 +113,13 @@ class Receiver:
                     due = self._save_due()
                     if due is not None and due <= 0 and self.delivered.in_flight():
                         # A batch of the sender carries earlier cursors and has not committed
-                        # (a slow commit, a lock wait): the save waits for it, delivery does not.
-                        self._wait(min(wait, STALLED_POLL))
-                        self._fetch_all()
+                        # (a slow commit, a lock wait): the save waits for it, delivery does not
+                        # (what a wake-up carried or named; every link once a poll interval).
+                        if self._wait(min(wait, STALLED_POLL)):
+                            self._woken()
+                        elif (time.monotonic() - self.fetched_all_at
+                              >= self.config.transport.poll_interval):
+                            self._fetch_all()
                     elif due is None or due >= wait:
                         if self._wait(wait):
                             self._woken()
