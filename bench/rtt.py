@@ -32,7 +32,7 @@ import psycopg
 from bench import rttreport, tunnel
 from bench.rttstages import Echo, Frame, round_trips
 from bench.testbeds import Variant, testbed
-from bench.tunnel import RESULTS, percentile
+from bench.tunnel import RESULTS, percentile, ping_ms
 from pgvpn_agent.lab import Lab, LabError
 
 # key: sealed payloads (None: the seed's Go program, whose round trip is not cut into stages)
@@ -162,12 +162,6 @@ def parse(lab: Lab, files: list[Path]) -> tuple[list[Echo], list[Frame]]:
         frames.append(Frame(float(at), ifaces[iface], int(sport if to_server else dport),
                             to_server, tuple(kinds.split(","))))
     return echoes, frames
-
-
-def ping_ms(lab: Lab, pings: int) -> list[float]:
-    a, b = lab.peers[:2]
-    out = lab.exec(a, ["ping", "-n", "-c", str(pings), "-i", "0.05", "-W", "2", b.ipv4])
-    return [float(t) for t in re.findall(r" time=([\d.]+) ms", out.stdout)]
 
 
 def measure(sealed: bool | None, pings: int, workdir: Path) -> dict[str, Any]:

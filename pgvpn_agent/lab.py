@@ -29,7 +29,9 @@ from pgvpn_agent.labhost import (
     alive,
     claim_namespaces,
     mgmt_block,
+    namespaces,
     pg_bin,
+    remove_namespace,
     role,
     scrape,
     spawn,
@@ -206,13 +208,10 @@ class Lab:
         self.stop_housekeeping()
         if (self.datadir / "postmaster.pid").exists():
             self._pg_ctl("stop", "-m", "immediate", check=False)
-        existing = set(subprocess.run(["ip", "netns", "list"], capture_output=True,
-                                      text=True).stdout.split())
+        existing = namespaces()
         for peer in self.peers:
             if peer.netns in existing:
-                # the management veth goes first: from inside, it can only be this lab's
-                _run(["ip", "-n", peer.netns, "link", "del", MGMT_IF], check=False)
-                _run(["ip", "netns", "del", peer.netns], check=False)
+                remove_namespace(peer.netns)
         shutil.rmtree(self.workdir, ignore_errors=True)
 
     def save(self) -> None:

@@ -92,12 +92,22 @@ def mgmt_block() -> Iterator[ipaddress.IPv4Network]:
         yield free_mgmt_block()
 
 
+def namespaces() -> set[str]:
+    return set(subprocess.run(["ip", "netns", "list"], capture_output=True,
+                              text=True).stdout.split())
+
+
+def remove_namespace(name: str) -> None:
+    """The management veth goes first: from inside, it can only be this namespace's."""
+    run(["ip", "-n", name, "link", "del", MGMT_IF], check=False)
+    run(["ip", "netns", "del", name], check=False)
+
+
 def claim_namespaces(names: list[str], workdir: Path) -> None:
     """Before a lab makes anything: a namespace of its name that processes still use belongs
     to another lab (same prefix, another work dir), which a failed start must not tear down;
     one nobody uses is a crashed lab's leftover, removed."""
-    existing = set(subprocess.run(["ip", "netns", "list"], capture_output=True,
-                                  text=True).stdout.split())
+    existing = namespaces()
     for name in names:
         if name not in existing:
             continue
@@ -107,8 +117,7 @@ def claim_namespaces(names: list[str], workdir: Path) -> None:
             raise LabError(f"network namespace {name} is in use by process {', '.join(pids)}: "
                            f"another lab with the same names is up; stop it (`pgvpn lab down "
                            f"--dir ITS_DIR`) before starting one in {workdir}")
-        run(["ip", "-n", name, "link", "del", MGMT_IF], check=False)
-        run(["ip", "netns", "del", name])
+        remove_namespace(name)
 
 
 def add_namespace(netns: str, mgmt_if: str, mgmt_host: str, metrics_host: str) -> None:
