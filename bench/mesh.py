@@ -30,6 +30,7 @@ from bench.testbeds import Variant
 from bench.tunnel import RESULTS, Progress
 from pgvpn_agent import labtraffic
 from pgvpn_agent.lab import Lab, LabError, LabPeer
+from pgvpn_agent.labstandby import Standby
 
 SETTLE = 2.0  # seconds between windows: the previous one's queues drain
 IDLE_PINGS = 3
@@ -64,6 +65,8 @@ class PairRun:
     mbits: float  # src -> dst, as received
     mbits_reverse: float | None  # dst -> src, with --bidir
     rtt_load_ms: float | None
+    per_second: list[float] = field(default_factory=list)  # src -> dst, iperf3's intervals
+    retransmits: int = 0  # src -> dst, iperf3's count
 
 
 @dataclass
@@ -124,8 +127,11 @@ def run_pairs(lab: Lab, pairs: list[tuple[LabPeer, LabPeer]], phase: Phase,
             pinger.join()
         end = report["end"]
         reverse = end.get("sum_received_bidir_reverse") if phase.bidir else None
-        results[i] = PairRun(a.name, b.name, end["sum_received"]["bits_per_second"] / 1e6,
-                             reverse["bits_per_second"] / 1e6 if reverse else None, rtt[0])
+        results[i] = PairRun(
+            a.name, b.name, end["sum_received"]["bits_per_second"] / 1e6,
+            reverse["bits_per_second"] / 1e6 if reverse else None, rtt[0],
+            [iv["sum"]["bits_per_second"] / 1e6 for iv in report.get("intervals", [])],
+            int(end["sum_sent"].get("retransmits", 0)))
 
     threads = [threading.Thread(target=one, args=(i, a, b)) for i, (a, b) in enumerate(pairs)]
     for t in threads:
@@ -154,8 +160,9 @@ def measure(lab: Lab, phase: Phase, rep: int, seconds: float, idle_s: float,
 
 
 @contextmanager
-def lab_of(peers: int, tag: str, **options: Any) -> Iterator[Lab]:
-    """A lab of `peers`; `options` go to Lab.create (encrypt, join_bursts)."""
+def lab_of(peers: int, tag: str, standby: bool = False, **options: Any) -> Iterator[Lab]:
+    """A lab of `peers`; `options` go to Lab.create (encrypt, join_bursts, db_clock). With
+    `standby`, every commit waits for a synchronous standby's flush as well."""
     workdir = Path(tempfile.mkdtemp(prefix="pgvpn-mesh-", dir="/tmp"))
     workdir.chmod(0o755)
     pid = os.getpid()
@@ -163,6 +170,8 @@ def lab_of(peers: int, tag: str, **options: Any) -> Iterator[Lab]:
                      port=58000 + (pid * 7 + peers) % 1000, **options)
     try:
         lab.up()
+        if standby:
+            Standby(lab).create()
         yield lab
     finally:
         lab.down()
@@ -217,6 +226,9 @@ def main(argv: list[str] | None = None) -> int:
                    help="labs with [encryption]: small batches ride in their notification")
     p.add_argument("--no-join", action="store_true",
                    help="agents with tun.join_bursts = false: each TCP burst its own row")
+    p.add_argument("--standby", action="store_true",
+                   help="every lab with a synchronous streaming standby: each commit waits "
+                        "for its flush as well, the notification lock held through it")
     args = p.parse_args(argv)
     unknown = set(args.only or ()) - {ph.key for ph in PHASES}
     if unknown or args.peers < 4:
@@ -226,10 +238,11 @@ def main(argv: list[str] | None = None) -> int:
     meta = {"peers": args.peers, "seconds": args.seconds, "idle_seconds": args.idle,
             "reps": args.reps, "started": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
             "loadavg_before": os.getloadavg()[0], "congestion": args.congestion or "default",
-            "sealed": args.sealed, "join_bursts": not args.no_join}
+            "sealed": args.sealed, "join_bursts": not args.no_join, "standby": args.standby}
     try:
         samples = run(args.peers, args.reps, args.seconds, args.idle, phases,
-                      args.congestion, {"encrypt": args.sealed, "join_bursts": not args.no_join})
+                      args.congestion, {"encrypt": args.sealed, "join_bursts": not args.no_join,
+                                        "standby": args.standby})
     except LabError as exc:
         print(f"pgvpn bench mesh: error: {exc}", file=sys.stderr)
         return 2

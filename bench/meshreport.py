@@ -227,7 +227,8 @@ def markdown(samples: list[Sample], meta: dict[str, Any]) -> str:
              f"{meta['loadavg_before']:.1f} before, {meta.get('loadavg_after', 0):.1f} after; "
              f"TCP congestion control {meta.get('congestion', 'default')}"
              f"{', sealed payloads' if meta.get('sealed') else ''}"
-             f"{', TCP bursts not joined' if meta.get('join_bursts') is False else ''}.",
+             f"{', TCP bursts not joined' if meta.get('join_bursts') is False else ''}"
+             f"{', a synchronous standby' if meta.get('standby') else ', one server'}.",
              throughput_table(samples, peers), targets_table(samples),
              "CPU in cores (CPU-seconds per second), rates per second of the window:",
              cost_table(samples, peers),

@@ -131,6 +131,7 @@ def _parser() -> argparse.ArgumentParser:
     sub.add_parser("bench", help="benchmark the transport variants beside OpenVPN "
                    "(see `pgvpn bench -h`); `pgvpn bench soak`: the database's limits; "
                    "`pgvpn bench mesh`: many peers at once against one pair; "
+                   "`pgvpn bench mesh-long`: a mesh through a checkpoint and midnight; "
                    "`pgvpn bench rtt`: an idle round trip in stages beside its floor")
 
     filters = argparse.ArgumentParser(add_help=False)
@@ -190,6 +191,10 @@ def _bench(argv: list[str]) -> int:
         from bench.soak import main as soak_main
 
         return soak_main(argv[1:])
+    if argv[:1] == ["mesh-long"]:
+        from bench.meshlong import main as mesh_long_main
+
+        return mesh_long_main(argv[1:])
     if argv[:1] == ["mesh"]:
         from bench.mesh import main as mesh_main
 

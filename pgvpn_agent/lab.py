@@ -44,6 +44,9 @@ __all__ = ["DEFAULT_DIR", "HOUSEKEEPING_ROLE", "METRICS_PORT", "MGMT_IF", "Lab",
            "LabPeer", "_run"]
 
 DEFAULT_DIR = Path(os.environ.get("PGVPN_LAB_DIR", "/run/pgvpn-lab"))
+# Debian's faketime package: a process's clock offset from the host's (tests, bench)
+LIBFAKETIME = Path("/usr/lib/x86_64-linux-gnu/faketime/libfaketime.so.1")
+CLOCK_CACHE = 1  # seconds a server process keeps the offset it read
 PG_SETTINGS = {
     "listen_addresses": "''",
     "shared_buffers": "256MB",
@@ -119,6 +122,10 @@ class Lab:
     # its unix socket: for tests of what a network path does.
     tcp: bool = False
     pg_settings: dict[str, str] = field(default_factory=dict)
+    # PostgreSQL's clock runs under libfaketime, its offset from the host's read from
+    # `db_clock_file` (set_db_clock): a bench takes the database across midnight without
+    # touching the host's clock. None: the host's clock.
+    db_clock: float | None = None
 
     @property
     def pgdir(self) -> Path:
@@ -137,6 +144,10 @@ class Lab:
     def pglog(self) -> Path:
         return self.pgdir / "postgres.log"
 
+    @property
+    def db_clock_file(self) -> Path:
+        return self.workdir / "db-clock"
+
     def dsn(self, user: str = "postgres") -> str:
         return f"host={self.sockdir} port={self.port} dbname=pgvpn user={user}"
 
@@ -147,7 +158,8 @@ class Lab:
                batch_max: int | None = None, mtu: int = 1500, prefix: str = "pgvpn-lab",
                port: int = 55432, transport: dict[str, Any] | None = None,
                encrypt: bool = False, offload: bool = True, schema: int = 0, tcp: bool = False,
-               pg_settings: dict[str, str] | None = None, join_bursts: bool = True) -> Lab:
+               pg_settings: dict[str, str] | None = None, join_bursts: bool = True,
+               db_clock: float | None = None) -> Lab:
         if (workdir / "lab.json").exists():
             raise LabError(f"a lab is already up in {workdir}: run `pgvpn lab down` first")
         labsize.check(peers)
@@ -157,7 +169,7 @@ class Lab:
         lab = cls(workdir=workdir, prefix=prefix, port=port, mode=mode, transport=tr, mtu=mtu,
                   pg_bin=pg_bin(), encrypt=encrypt, offload=offload and mode != "payload",
                   schema=schema, tcp=tcp, pg_settings=dict(pg_settings or {}),
-                  join_bursts=join_bursts)
+                  join_bursts=join_bursts, db_clock=db_clock)
         for i in range(1, peers + 1):
             lab.peers.append(LabPeer(
                 name=f"peer{i}", netns=f"{prefix}{i}", ipv4=f"10.77.{i // 250}.{i % 250}",
@@ -208,6 +220,9 @@ class Lab:
         self.stop_housekeeping()
         if (self.datadir / "postmaster.pid").exists():
             self._pg_ctl("stop", "-m", "immediate", check=False)
+        standby = self.pgdir / "standby"  # labstandby.Standby's, if one is still running
+        if (standby / "postmaster.pid").exists():
+            self.pg_ctl(standby, "stop", "-m", "immediate", check=False)
         existing = namespaces()
         for peer in self.peers:
             if peer.netns in existing:
@@ -268,8 +283,36 @@ class Lab:
     def stop_postgres(self, mode: str = "fast") -> None:
         self._pg_ctl("stop", "-w", "-m", mode)
 
+    def set_db_clock(self, offset: float) -> None:
+        """Set PostgreSQL's clock `offset` seconds from the host's (a lab made with db_clock),
+        for its servers started from now on and, within CLOCK_CACHE seconds, the running ones.
+        A running server takes a step as it is (its timeouts measured by the wall clock see
+        it): step a live one only by a few seconds, as the bench does. Monotonic clocks are
+        left alone."""
+        if self.db_clock is None:
+            raise LabError("set_db_clock: this lab was not made with db_clock")
+        self.db_clock = offset
+        self.db_clock_file.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.db_clock_file.with_suffix(".new")
+        tmp.write_text(f"{offset:+.3f}\n")
+        tmp.chmod(0o644)
+        tmp.replace(self.db_clock_file)
+
+    def pg_ctl(self, datadir: Path, *args: str, check: bool = True) -> None:
+        """pg_ctl as postgres on a cluster of this lab (the primary, a standby); under the
+        lab's database clock if it has one."""
+        cmd = [f"{self.pg_bin}/pg_ctl", "-D", str(datadir), *args]
+        if self.db_clock is not None and args[0] in ("start", "restart"):
+            if not self.db_clock_file.exists():
+                self.set_db_clock(self.db_clock)
+            cmd = ["env", f"LD_PRELOAD={LIBFAKETIME}",
+                   f"FAKETIME_TIMESTAMP_FILE={self.db_clock_file}",
+                   f"FAKETIME_CACHE_DURATION={CLOCK_CACHE}", "FAKETIME_DONT_FAKE_MONOTONIC=1",
+                   *cmd]
+        self._as_postgres(cmd, check=check)
+
     def _pg_ctl(self, *args: str, check: bool = True) -> None:
-        self._as_postgres([f"{self.pg_bin}/pg_ctl", "-D", str(self.datadir), *args], check=check)
+        self.pg_ctl(self.datadir, *args, check=check)
 
     def _as_postgres(self, cmd: list[str], check: bool = True) -> None:
         proc = subprocess.run(["runuser", "-u", "postgres", "--", *cmd], capture_output=True,

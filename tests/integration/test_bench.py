@@ -125,6 +125,35 @@ def test_short_mesh_writes_table_json_and_chart(tmp_path):
     assert str(png[0]) in proc.stderr, "the output paths are printed at the end"
 
 
+def test_long_mesh_crosses_midnight_and_a_checkpoint_beside_a_synchronous_standby(tmp_path):
+    """`pgvpn bench mesh-long`: the database's clock (libfaketime) passes midnight inside the
+    run, so rows land in two days' partitions; the CHECKPOINT and the closed day's indexes run
+    while the pairs carry traffic; every commit also waited for a synchronous standby."""
+    proc = subprocess.run(
+        [sys.executable, "-m", "pgvpn_agent", "bench", "mesh-long", "--peers", "4", "--seconds",
+         "16", "--segment", "4", "--checkpoint-at", "0.2", "--rollover-at", "0.4",
+         "--index-after", "3", "--standby", "--out", str(tmp_path)],
+        capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    md, js, png = (sorted(tmp_path.glob(f"mesh-long-*.{ext}")) for ext in ("md", "json", "png"))
+    assert len(md) == len(js) == len(png) == 1, list(tmp_path.iterdir())
+    report = json.loads(js[0].read_text())
+    assert report["meta"]["standby"] and report["meta"]["replication"] == "sync"
+    events = {e["name"]: e for e in report["events"]}
+    assert set(events) == {"CHECKPOINT", "midnight (database clock)", "closed-day indexes"}
+    assert 4.0 < events["midnight (database clock)"]["at"] < 10.0, events
+    assert events["CHECKPOINT"]["seconds"] > 0 and report["meta"]["checkpoints_requested"] >= 1
+    days = sorted(report["rows_by_day"])
+    assert len(days) == 2 and all(report["rows_by_day"][d] > 100 for d in days), days
+    assert len(report["pairs"]) == 2
+    assert all(len(p["per_second"]) >= 15 and p["mbits"] > 0 for p in report["pairs"])
+    assert len(report["aggregate_per_second"]) >= 15
+    assert report["segments"][0]["start"] < 1 and len(report["segments"]) >= 4
+    assert all(s["usage"]["counters"]["batches"] > 0 for s in report["segments"][:-1])
+    assert "| midnight (database clock) |" in md[0].read_text()
+    assert png[0].read_bytes().startswith(b"\x89PNG\r\n\x1a\n")
+
+
 def test_rtt_cuts_idle_pings_into_stages_beside_the_floor(tmp_path):
     """`pgvpn bench rtt`: the seed's Go program and both pgvpn variants, every captured pgvpn
     round trip cut into stages that add up to it, the floor measured on the same PostgreSQL."""

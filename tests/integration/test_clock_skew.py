@@ -8,14 +8,13 @@ while a packet's age (transport.max_age) and its day partition come from the dat
 from __future__ import annotations
 
 import time
-from pathlib import Path
 
 import pytest
 
+from pgvpn_agent.lab import LIBFAKETIME
 from tests.integration.pump import Pump
 
 pytestmark = pytest.mark.integration
-LIBFAKETIME = Path("/usr/lib/x86_64-linux-gnu/faketime/libfaketime.so.1")
 
 
 def skewed(seconds: int) -> dict[str, str]:
