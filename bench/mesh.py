@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from bench import meshreport
+from bench import meshreport, report
 from bench.probe import Probe, Usage
 from bench.testbeds import Variant
 from bench.tunnel import RESULTS, Progress
@@ -199,9 +199,7 @@ def run(peers: int, reps: int, seconds: float, idle_s: float, phases: tuple[Phas
 
 
 def write(samples: list[Sample], out: Path, meta: dict[str, Any]) -> list[Path]:
-    out.mkdir(parents=True, exist_ok=True)
-    stem = out / f"mesh-{time.strftime('%Y%m%d-%H%M%S')}"
-    md, js, png = (stem.with_suffix(s) for s in (".md", ".json", ".png"))
+    md, js, png = report.outputs(out, "mesh")
     md.write_text(meshreport.markdown(samples, meta) + "\n")
     js.write_text(meshreport.to_json(samples, meta) + "\n")
     meshreport.chart(samples, meta, png)

@@ -9,10 +9,11 @@ from __future__ import annotations
 
 import json
 import statistics
-import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
+
+from bench import report
 
 if TYPE_CHECKING:
     from bench.meshlong import LongRun
@@ -203,9 +204,7 @@ def chart(run: LongRun, path: Path) -> None:
 
 
 def write(run: LongRun, out: Path) -> list[Path]:
-    out.mkdir(parents=True, exist_ok=True)
-    stem = out / f"mesh-long-{time.strftime('%Y%m%d-%H%M%S')}"
-    md, js, png = (stem.with_suffix(s) for s in (".md", ".json", ".png"))
+    md, js, png = report.outputs(out, "mesh-long")
     md.write_text(markdown(run) + "\n")
     js.write_text(to_json(run) + "\n")
     chart(run, png)

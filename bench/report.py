@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import statistics
+import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -53,6 +54,15 @@ class Result:
     def median(self, key: str) -> float | None:
         values = self.values(key)
         return statistics.median(values) if values else None
+
+
+def outputs(out: Path, kind: str) -> tuple[Path, Path, Path]:
+    """A run's Markdown, JSON and PNG paths in `out` (made if missing), named by its kind and
+    the time (UTC) it is written."""
+    out.mkdir(parents=True, exist_ok=True)
+    stem = out / f"{kind}-{time.strftime('%Y%m%d-%H%M%S', time.gmtime())}"
+    md, js, png = (stem.with_suffix(s) for s in (".md", ".json", ".png"))
+    return md, js, png
 
 
 def baseline(results: list[Result]) -> str:

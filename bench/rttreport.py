@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import json
 import statistics
-import time
 from pathlib import Path
 from typing import Any
 
+from bench import report
 from bench.rttstages import KERNEL, STAGES
 from bench.tunnel import percentile
 
@@ -78,9 +78,7 @@ def markdown(runs: list[dict[str, Any]]) -> str:
 
 
 def write(runs: list[dict[str, Any]], meta: dict[str, Any], out: Path) -> list[Path]:
-    out.mkdir(parents=True, exist_ok=True)
-    stamp = time.strftime("%Y%m%d-%H%M%S", time.gmtime())
-    md, js, png = (out / f"rtt-{stamp}.{ext}" for ext in ("md", "json", "png"))
+    md, js, png = report.outputs(out, "rtt")
     s = summary(runs)
     md.write_text(f"# pgvpn bench rtt, {meta['started']}\n\n{len(runs)} labs, "
                   f"{meta['pings']} pings each, load average {meta['loadavg_before']:.2f} "

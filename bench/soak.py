@@ -37,6 +37,7 @@ from typing import Any
 
 import psycopg
 
+from bench import report
 from pgvpn_agent.lab import HOUSEKEEPING_ROLE, Lab, LabError, LabPeer
 
 RESULTS = Path(__file__).with_name("results")
@@ -498,9 +499,7 @@ def chart(soak: Soak, path: Path) -> None:
 
 
 def write(soak: Soak, out: Path) -> list[Path]:
-    out.mkdir(parents=True, exist_ok=True)
-    stem = out / f"soak-{time.strftime('%Y%m%d-%H%M%S')}"
-    md, js, png = (stem.with_suffix(s) for s in (".md", ".json", ".png"))
+    md, js, png = report.outputs(out, "soak")
     md.write_text(table(soak) + "\n")
     data = asdict(soak) | {"rates": rates(soak), "hot_rows": hot_rows(soak),
                            "peer_held_s": peer_held(soak), "freeze": freeze(soak)}

@@ -171,9 +171,7 @@ def run(variants: tuple[Variant, ...], reps: int, seconds: float) -> list[Result
 
 def write(results: list[Result], out: Path, seconds: float, reps: int) -> list[Path]:
     """Markdown, JSON and PNG side by side, named by the run's start time."""
-    out.mkdir(parents=True, exist_ok=True)
-    stem = out / f"tunnel-{time.strftime('%Y%m%d-%H%M%S')}"
-    md, js, png = (stem.with_suffix(s) for s in (".md", ".json", ".png"))
+    md, js, png = report.outputs(out, "tunnel")
     md.write_text(report.table(results) + "\n\n" + report.summary(results) + "\n")
     js.write_text(report.to_json(results, seconds, reps) + "\n")
     report.chart(results, png)
