@@ -113,7 +113,7 @@ def align_midnight(lab: Lab, conn: psycopg.Connection[Any], midnight_in: float
             raise LabError(f"the database's midnight is {later:.0f}s later than wanted: the "
                            f"lab came up faster than the estimate by more than {MAX_ALIGN:.0f}s")
         lab.set_db_clock(lab.db_clock + min(STEP, later))
-        time.sleep(CLOCK_CACHE + 0.3)
+        time.sleep(2 * CLOCK_CACHE + 0.3)  # every process has read it (ours included)
     if 86400 - db_now % 86400 < LEAD + 1:
         raise LabError("the database's midnight came before the run could start: the lab took "
                        "longer to come up than bench.meshlong.up_estimate allows")
@@ -194,6 +194,10 @@ def run(lab: Lab, seconds: float, segment: float, checkpoint_at: float, rollover
     timed = [Timed("CHECKPOINT", checkpoint_at * seconds, "CHECKPOINT", dsn)]
     t0 = time.monotonic()
     at_midnight = midnight - db_now - (t0 - mono)
+    if not 0 < at_midnight + index_after < seconds:
+        raise LabError(f"the database's midnight would come {at_midnight:.0f}s into a "
+                       f"{seconds:.0f}s run (its closed-day indexes {index_after:.0f}s later): "
+                       "outside it")
     timed.append(Timed("closed-day indexes", at_midnight + index_after,
                        "SELECT pgvpn.index_closed_days()", dsn))
     window_start = datetime.fromtimestamp(db_now + (t0 - mono), UTC)

@@ -28,7 +28,8 @@ PHASE_NAMES = {
 }
 FLOOR_MBITS = 560  # one pair on this machine today (issue 17): no ratio met by slowing it
 PG_GROUPS = ("backends tx", "backends rx", "backends other", "walwriter", "checkpointer",
-             "bgwriter", "autovacuum", "postmaster", "other aux", "exited")
+             "bgwriter", "autovacuum", "postmaster", "walsender", "standby", "other aux",
+             "exited")
 WAIT_ROLES = ("backends tx", "backends rx")
 
 

@@ -2,8 +2,9 @@
 
 CPU per process group: the agents, the housekeeping service and each kind of PostgreSQL process
 (backends by the session they serve — a sender's `-tx`, a receiver's `-rx` — WAL writer,
-checkpointer, background writer, autovacuum; processes that exit during the window are
-followed until they go, their last moments counted as `exited`). What the backends wait for,
+checkpointer, background writer, autovacuum, walsender, and a lab's standby's processes;
+processes that exit during the window are followed until they go, their last moments counted
+as `exited`). What the backends wait for,
 from `pg_stat_activity` at every sample. Commits and WAL flushes from `pg_stat_database` and
 `pg_stat_wal`; batches (one NOTIFY each), wake-ups and cursor saves from the agents' metrics.
 Memory at the end: agents' RSS and PSS, backends' PSS (shared buffers shared out fairly).
@@ -39,7 +40,7 @@ SELECT (SELECT xact_commit FROM pg_stat_database WHERE datname = 'pgvpn'),
        wal_records, wal_bytes, wal_write, wal_sync
 FROM pg_stat_wal
 """
-AUX = {"walwriter": "walwriter", "checkpointer": "checkpointer",
+AUX = {"walwriter": "walwriter", "checkpointer": "checkpointer", "walsender": "walsender",
        "background writer": "bgwriter", "autovacuum launcher": "autovacuum",
        "autovacuum worker": "autovacuum"}
 # agent metrics summed over every agent, deltas over the window
@@ -106,6 +107,9 @@ class Probe:
         self.lab = lab
         self.memory = memory
         self.postmaster = lab.postmaster_pid()
+        # a synchronous standby's processes (labstandby): the same machine's CPU, per commit
+        pidfile = lab.pgdir / "standby" / "postmaster.pid"
+        self.standby = int(pidfile.read_text().split()[0]) if pidfile.exists() else 0
         self.agents = {p.pid for p in lab.peers if p.pid}
         self.done = threading.Event()
         self.group: dict[int, str] = {}
@@ -173,6 +177,9 @@ class Probe:
         for pid in _children(self.postmaster) if self.n % CHILDREN_EVERY == 1 else ():
             if pid not in self.group:
                 self.group[pid] = "autovacuum" if "autovacuum" in _cmdline(pid) else "other aux"
+        if self.standby and self.n % CHILDREN_EVERY == 1:
+            for pid in (self.standby, *_children(self.standby)):
+                self.group.setdefault(pid, "standby")
         self.group.pop(self.own, None)
         for pid in list(self.group):
             try:

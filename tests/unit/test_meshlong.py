@@ -10,7 +10,7 @@ import pytest
 
 from bench import meshlongreport
 from bench.mesh import PairRun
-from bench.meshlong import Event, LongRun, Segment, clock_offset
+from bench.meshlong import Event, LongRun, Segment, clock_offset, server_checkpoints
 from bench.probe import Usage
 
 
@@ -61,7 +61,8 @@ def long_run() -> LongRun:
     pairs = [PairRun("peer1", "peer2", 300.0, None, 20.0, [300.0] * 8, 0),
              PairRun("peer3", "peer4", 100.0, None, 30.0, [100.0] * 4 + [20.0] * 4, 2)]
     return LongRun(4, 8.0, pairs, [Segment(0.0, usage), Segment(4.0, usage)],
-                   [Event("midnight (database clock)", 4.2), Event("CHECKPOINT", 2.0, 0.5)],
+                   [Event("midnight (database clock)", 4.2), Event("CHECKPOINT", 2.0, 0.5),
+                    Event(meshlongreport.SERVER_CHECKPOINT, 6.0, detail="wal")],
                    {"2026-12-04": 10, "2026-12-05": 12}, {"no_route": 3.0},
                    {"started": "now", "standby": True, "replication": "sync", "segment": 4})
 
@@ -71,6 +72,7 @@ def test_the_report_names_every_event_segment_and_day():
     assert "a standby (pg_stat_replication.sync_state at the end: sync)" in md
     assert "| midnight (database clock) | 4.2 | - | 400.0 | 320.0 | 320.0 | - |" in md
     assert "| CHECKPOINT | 2.0 | 0.50 |" in md
+    assert "| 1 checkpoints the server started (wal): medians | - | - | 373.3 | 320.0 |" in md
     assert "| slowest pair ÷ fair share | 0.50 |" in md
     assert "| TCP retransmissions, all pairs | 2 |" in md
     assert "2026-12-04: 10, 2026-12-05: 12" in md
@@ -84,3 +86,16 @@ def test_the_chart_is_written(tmp_path):
     path = tmp_path / "long.png"
     meshlongreport.chart(long_run(), path)
     assert path.read_bytes().startswith(b"\x89PNG\r\n\x1a\n")
+
+
+def test_the_servers_own_checkpoints_are_read_off_its_log_by_its_clock():
+    log = (
+        "2026-12-04 23:59:50.000 UTC [7] LOG:  checkpoint starting: wal\n"
+        "2026-12-04 23:59:58.600 UTC [7] LOG:  checkpoint starting: immediate force wait\n"
+        "2026-12-05 00:00:04.500 UTC [7] LOG:  checkpoint complete: wrote 12 buffers (0.1%)\n"
+        "2026-12-05 00:00:05.250 UTC [7] LOG:  checkpoint starting: time\n"
+        "2026-12-05 00:00:30.000 UTC [7] LOG:  checkpoint starting: wal\n"
+        "2026-12-05 00:00:06.000 UTC [9] STATEMENT:  checkpoint starting: wal\n")
+    events = server_checkpoints(log, epoch("2026-12-04 23:59:55"), 20)
+    assert [(e.at, e.detail) for e in events] == [(pytest.approx(10.25), "time")]
+    assert all(e.name == meshlongreport.SERVER_CHECKPOINT for e in events)
