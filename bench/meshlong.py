@@ -194,7 +194,7 @@ def run(lab: Lab, seconds: float, segment: float, checkpoint_at: float, rollover
     timed = [Timed("CHECKPOINT", checkpoint_at * seconds, "CHECKPOINT", dsn)]
     t0 = time.monotonic()
     at_midnight = midnight - db_now - (t0 - mono)
-    if not 0 < at_midnight < at_midnight + index_after < seconds:
+    if not (at_midnight > 0 and at_midnight + index_after < seconds):
         raise LabError(f"the database's midnight would come {at_midnight:.0f}s into a "
                        f"{seconds:.0f}s run (its closed-day indexes {index_after:.0f}s later): "
                        "outside it")
