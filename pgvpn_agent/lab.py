@@ -377,10 +377,10 @@ class Lab:
 
     def start_housekeeping(self, **options: Any) -> None:
         """`pgvpn db housekeeping` as the Ansible role runs it next to PostgreSQL; options
-        (keep_days=7, on_disk_full="drop_oldest", ...) replace the lab's and restart it."""
-        if options:
-            self.stop_housekeeping()
-            self.housekeeping = {**self.housekeeping, **options}
+        (keep_days=7, on_disk_full="drop_oldest", ...) replace the lab's. A running one is
+        stopped first: a second would be left behind when the lab goes down."""
+        self.stop_housekeeping()
+        self.housekeeping = {**self.housekeeping, **options}
         args = [sys.executable, "-m", "pgvpn_agent", "db", "housekeeping",
                 "--dsn", self.dsn(HOUSEKEEPING_ROLE), "--metrics-address", "127.0.0.1",
                 "--metrics-port", str(self.housekeeping_port)]
