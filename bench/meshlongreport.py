@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from bench import report
+from bench.meshreport import slowest_share
 
 if TYPE_CHECKING:
     from bench.meshlong import LongRun
@@ -51,13 +52,6 @@ def impact(series: list[float], at: float, span: int = SPAN) -> Impact:
                           if series[j] >= RECOVERED * mean_before), None)
     return Impact(mean_before, min(after) if after else None,
                   statistics.fmean(after) if after else None, recovered)
-
-
-def fair_shares(run: LongRun) -> list[float]:
-    """Each pair's mean over the run, as a share of the fair one (the sum / pairs)."""
-    means = [p.mbits for p in run.pairs]
-    total = sum(means)
-    return [m * len(means) / total for m in means] if total else []
 
 
 def standby(meta: dict[str, Any]) -> str:
@@ -108,7 +102,6 @@ def markdown(run: LongRun) -> str:
             f"{meta.get('loadavg_before', 0):.1f} before, {meta.get('loadavg_after', 0):.1f} "
             f"after; {standby(meta)}; TCP "
             f"congestion control {meta.get('congestion', 'default')}.")
-    shares = fair_shares(run)
     steady = sorted(series)
     mean = statistics.fmean(series) if series else None
     summary = [
@@ -123,7 +116,8 @@ def markdown(run: LongRun) -> str:
            f"{_f(mean / run.reference.mbits if mean is not None else None, '{:.2f}x')} |"]
           if run.reference is not None and run.reference.mbits > 0 else []),
         f"| per pair, Mbit/s | {' / '.join(f'{p.mbits:.1f}' for p in run.pairs)} |",
-        f"| slowest pair ÷ fair share | {_f(min(shares) if shares else None, '{:.2f}')} |",
+        f"| slowest pair ÷ fair share | "
+        f"{_f(slowest_share([p.mbits for p in run.pairs]), '{:.2f}')} |",
         f"| TCP retransmissions, all pairs | {sum(p.retransmits for p in run.pairs)} |",
         f"| packets dropped by the agents | "
         f"{', '.join(f'{k} {v:.0f}' for k, v in sorted(run.dropped.items())) or 'none'} |",

@@ -49,10 +49,15 @@ def label(key: str, peers: int) -> str:
     return PHASE_NAMES[key].replace("N/2", str(peers // 2)).replace("N ", f"{peers} ")
 
 
+def slowest_share(flows: list[float]) -> float | None:
+    """The slowest flow over the fair share (their sum over their number)."""
+    total = sum(flows)
+    return min(flows) / (total / len(flows)) if len(flows) > 1 and total else None
+
+
 def fairness(s: Sample) -> float | None:
     """The slowest direction over the fair share (the aggregate over the directions)."""
-    flows = s.flows
-    return min(flows) / (s.mbits / len(flows)) if len(flows) > 1 and s.mbits else None
+    return slowest_share(s.flows)
 
 
 def targets(samples: list[Sample]) -> list[tuple[str, float | None, float, str]]:

@@ -4,9 +4,9 @@ CPU per process group: the agents, the housekeeping service and each kind of Pos
 (backends by the session they serve — a sender's `-tx`, a receiver's `-rx` — WAL writer,
 checkpointer, background writer, autovacuum, walsender, and a lab's standby's processes;
 processes that exit during the window are followed until they go, their last moments counted
-as `exited`). What the backends wait for,
-from `pg_stat_activity` at every sample. Commits and WAL flushes from `pg_stat_database` and
-`pg_stat_wal`; batches (one NOTIFY each), wake-ups and cursor saves from the agents' metrics.
+as `exited`). What the backends wait for, from `pg_stat_activity` at every sample. Commits and
+WAL flushes from `pg_stat_database` and `pg_stat_wal`; batches (one NOTIFY each), wake-ups and
+cursor saves from the agents' metrics.
 Memory at the end: agents' RSS and PSS, backends' PSS (shared buffers shared out fairly).
 """
 
@@ -108,7 +108,7 @@ class Probe:
         self.memory = memory
         self.postmaster = lab.postmaster_pid()
         # a synchronous standby's processes (labstandby): the same machine's CPU, per commit
-        pidfile = lab.pgdir / "standby" / "postmaster.pid"
+        pidfile = lab.standby_dir / "postmaster.pid"
         self.standby = int(pidfile.read_text().split()[0]) if pidfile.exists() else 0
         self.agents = {p.pid for p in lab.peers if p.pid}
         self.done = threading.Event()

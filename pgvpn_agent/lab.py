@@ -145,6 +145,11 @@ class Lab:
         return self.pgdir / "postgres.log"
 
     @property
+    def standby_dir(self) -> Path:
+        """Where labstandby.Standby keeps its copy of the cluster."""
+        return self.pgdir / "standby"
+
+    @property
     def db_clock_file(self) -> Path:
         return self.workdir / "db-clock"
 
@@ -220,9 +225,8 @@ class Lab:
         self.stop_housekeeping()
         if (self.datadir / "postmaster.pid").exists():
             self._pg_ctl("stop", "-m", "immediate", check=False)
-        standby = self.pgdir / "standby"  # labstandby.Standby's, if one is still running
-        if (standby / "postmaster.pid").exists():
-            self.pg_ctl(standby, "stop", "-m", "immediate", check=False)
+        if (self.standby_dir / "postmaster.pid").exists():  # a Standby still running
+            self.pg_ctl(self.standby_dir, "stop", "-m", "immediate", check=False)
         existing = namespaces()
         for peer in self.peers:
             if peer.netns in existing:

@@ -11,7 +11,7 @@ from pgvpn_agent.lab import Lab, LabError
 class Standby:
     def __init__(self, lab: Lab) -> None:
         self.lab = lab
-        self.datadir = lab.pgdir / "standby"
+        self.datadir = lab.standby_dir
         self.port = lab.port + 1000
         self.log = lab.pgdir / "standby.log"
 
