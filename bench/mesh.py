@@ -29,6 +29,7 @@ from bench.probe import Probe, Usage
 from bench.testbeds import Variant
 from bench.tunnel import RESULTS, Progress
 from pgvpn_agent import labtraffic
+from pgvpn_agent.config import WAKES
 from pgvpn_agent.lab import Lab, LabError, LabPeer
 from pgvpn_agent.labstandby import Standby
 
@@ -219,7 +220,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--congestion", metavar="ALGORITHM",
                    help="the iperf3 flows' TCP congestion control (iperf3 -C), e.g. reno: "
                         "what the tunnel carries when the flows' own ramp-up is not the limit "
-                        "(default: the kernel's, cubic)")
+                        "(default: the kernel's)")
+    p.add_argument("--wake", choices=WAKES,
+                   help="the agents' transport.wake (default: theirs, auto)")
     p.add_argument("--sealed", action="store_true",
                    help="labs with [encryption]: small batches ride in their notification")
     p.add_argument("--no-join", action="store_true",
@@ -235,12 +238,16 @@ def main(argv: list[str] | None = None) -> int:
     phases = tuple(ph for ph in PHASES if not args.only or ph.key in args.only)
     meta = {"peers": args.peers, "seconds": args.seconds, "idle_seconds": args.idle,
             "reps": args.reps, "started": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
-            "loadavg_before": os.getloadavg()[0], "congestion": args.congestion or "default",
-            "sealed": args.sealed, "join_bursts": not args.no_join, "standby": args.standby}
+            "loadavg_before": os.getloadavg()[0],
+            "congestion": labtraffic.congestion_control(args.congestion),
+            "wake": args.wake or "auto", "sealed": args.sealed, "join_bursts": not args.no_join,
+            "standby": args.standby}
     try:
         samples = run(args.peers, args.reps, args.seconds, args.idle, phases,
                       args.congestion, {"encrypt": args.sealed, "join_bursts": not args.no_join,
-                                        "standby": args.standby})
+                                        "standby": args.standby,
+                                        **({"transport": {"wake": args.wake}} if args.wake
+                                           else {})})
     except LabError as exc:
         print(f"pgvpn bench mesh: error: {exc}", file=sys.stderr)
         return 2

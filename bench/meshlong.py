@@ -35,6 +35,7 @@ from bench.mesh import PHASES, SETTLE, PairRun, lab_of, run_pairs
 from bench.probe import Probe, Usage
 from bench.tunnel import RESULTS
 from pgvpn_agent.lab import CLOCK_CACHE, Lab, LabError
+from pgvpn_agent.labtraffic import congestion_control
 
 DROPPED = "pgvpn_packets_dropped_total"
 CHECKPOINTS = "SELECT checkpoints_req FROM pg_stat_bgwriter"
@@ -272,7 +273,7 @@ def main(argv: list[str] | None = None) -> int:
         p.error("--checkpoint-at and --rollover-at are fractions of the run, between 0 and 1")
     meta = {"started": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
             "loadavg_before": os.getloadavg()[0], "standby": args.standby,
-            "congestion": args.congestion or "default", "segment": args.segment}
+            "congestion": congestion_control(args.congestion), "segment": args.segment}
     try:
         wait = (up_estimate(args.peers) + args.reference + (SETTLE if args.reference else 0)
                 + LEAD + args.rollover_at * args.seconds)

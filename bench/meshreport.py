@@ -231,7 +231,8 @@ def markdown(samples: list[Sample], meta: dict[str, Any]) -> str:
     parts = [f"`pgvpn bench mesh --peers {peers}`: {meta['seconds']:g} s per window, "
              f"{meta['reps']} rep(s), started {meta['started']}, load average "
              f"{meta['loadavg_before']:.1f} before, {meta.get('loadavg_after', 0):.1f} after; "
-             f"TCP congestion control {meta.get('congestion', 'default')}"
+             f"TCP congestion control {meta.get('congestion', 'default')}, "
+             f"transport.wake {meta.get('wake', 'in_commit')}"
              f"{', sealed payloads' if meta.get('sealed') else ''}"
              f"{', TCP bursts not joined' if meta.get('join_bursts') is False else ''}"
              f"{', a synchronous standby' if meta.get('standby') else ', one server'}.",

@@ -27,7 +27,7 @@ ON_DISK_FULL = ("drop_new", "drop_oldest")
 # row (no WAL flush to wait for: the notification lock held for microseconds), or by a NOTIFY
 # inside it (the lock held through the WAL flush and the standby's confirmation: one notifying
 # commit at a time in the whole cluster). Migration 0013.
-WAKES = ("in_commit", "after_commit")
+WAKES = ("auto", "in_commit", "after_commit")
 SSLMODES = ("disable", "allow", "prefer", "require", "verify-ca", "verify-full")
 _TLS_KEYS = ("sslmode", "sslrootcert", "sslcert", "sslkey")
 PEER_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,49}$")
@@ -132,7 +132,7 @@ class Transport:
     # Where the sender keeps the last sequence number it saw committed per link (highwater.py);
     # None: in memory only.
     state_file: Path | None = None
-    wake: str = "in_commit"
+    wake: str = "auto"
 
 
 @dataclass(frozen=True)
@@ -255,7 +255,7 @@ def parse(raw: dict[str, Any]) -> Config:
         rate_limit_burst=_num(tr_raw, "transport.", "rate_limit_burst", 1.0, lo=0.01, hi=60),
         state_file=(Path(tr_raw["state_file"]) if _str(tr_raw, "transport.", "state_file")
                     else None),
-        wake=_str(tr_raw, "transport.", "wake") or "in_commit",
+        wake=_str(tr_raw, "transport.", "wake") or "auto",
     )
     if transport.wake not in WAKES:
         raise ConfigError(f"transport.wake: {transport.wake!r} is not one of {', '.join(WAKES)}")

@@ -7,6 +7,7 @@ import random
 import subprocess
 import time
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from pgvpn_agent.labhost import LabError
@@ -42,6 +43,18 @@ def unreachable(lab: Lab, checks: list[Check]) -> list[Check]:
     with ThreadPoolExecutor(PING_WORKERS) as pool:
         ok = list(pool.map(lambda c: lab.ping(c[0], c[1], v6=c[2]), checks))
     return [c for c, answered in zip(checks, ok, strict=True) if not answered]
+
+
+def congestion_control(chosen: str | None) -> str:
+    """The flows' congestion control as a report names it: the kernel's default differs
+    between machines (cubic on one, bbr on another) and changes the mesh's figures."""
+    if chosen:
+        return chosen
+    try:
+        default = Path("/proc/sys/net/ipv4/tcp_congestion_control").read_text().strip()
+    except OSError:
+        default = "unknown"
+    return f"{default} (the kernel's default)"
 
 
 def iperf(lab: Lab, src: LabPeer, dst: LabPeer, seconds: float = 3, streams: int = 1,

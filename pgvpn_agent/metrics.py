@@ -183,6 +183,10 @@ IN_DOUBT = Counter("pgvpn_commits_in_doubt", "Batches whose commit is in doubt: 
 IN_DOUBT_REPLAYED = Counter("pgvpn_in_doubt_batches_replayed", "Batches in doubt after a "
                             "failover sent again with their own sequence numbers (delivered "
                             "once: a receiver that read them on the old primary skips them).")
+WOKEN_AFTER_COMMIT = Counter("pgvpn_batches_woken_after_commit", "Batches whose receivers were "
+                             "woken in a transaction of their own after the batch's commit "
+                             "(transport.wake after_commit, or auto while batches follow each "
+                             "other); the rest notify inside it.")
 UNNOTIFIED = Counter("pgvpn_unnotified_batches", "Batches logged without waking their receivers "
                      "because the database's NOTIFY queue was full (receivers find them by "
                      "polling, transport.poll_interval).")

@@ -42,6 +42,22 @@ BATCH_BYTES = 1 << 20
 QUEUE_BYTES = 16 << 20
 # Coalescing applies to reads that found fewer packets than this (or than batch_max).
 COALESCE_BELOW = 16
+# transport.wake = "auto": a batch that follows the previous one by less than this is traffic
+# in full flow, and wakes its receivers after its commit (docs/config.md, Wake-ups).
+BUSY_GAP = 0.005
+
+
+def wakes_in_commit(wake: str, since_last_batch: float) -> bool:
+    """Whether a batch's NOTIFY goes inside its own transaction.
+
+    Inside, the receiver hears of the batch one round trip sooner, but the commit holds the
+    cluster-wide notification lock through its WAL flush, so every busy sender of the cluster
+    queues behind it: "auto" keeps it for a sender coming back from idle (a ping, a keystroke,
+    a request) and moves it out while batches follow each other.
+    """
+    if wake == "auto":
+        return since_last_batch >= BUSY_GAP
+    return wake == "in_commit"
 
 
 class Sender(LinkRecovery):
@@ -84,7 +100,8 @@ class Sender(LinkRecovery):
         self.connected_once = False
         self.notify = config.mode == "logged"
         # NOTIFY inside the batch's transaction, or in one of its own after it (migration 0013)
-        self.wake_in_commit = config.transport.wake == "in_commit"
+        self.wake = config.transport.wake
+        self.last_batch_at = -BUSY_GAP
         self._send = self._send_payloads if config.mode == "payload" else self._send_rows
 
     def run(self) -> None:
@@ -329,10 +346,12 @@ class Sender(LinkRecovery):
         links = sorted(counts)
         with self.delivered.carry() as cursors:
             carried = sorted(cursors)
-            wake = self.notify and time.monotonic() >= self.notify_again_at
+            now = time.monotonic()
+            wake = self.notify and now >= self.notify_again_at
+            in_commit = wakes_in_commit(self.wake, now - self.last_batch_at)
             params = (
                 ids[self.config.peer],
-                wake and self.wake_in_commit,
+                wake and in_commit,
                 wire.fixed("int2", links),
                 wire.fixed("int8", [self.tx_seq[d] + 1 for d in links]),
                 wire.fixed("int8", [next_seq[d] for d in links]),
@@ -359,7 +378,7 @@ class Sender(LinkRecovery):
                 faults.reached("sender.in_commit")
             started = time.perf_counter()
             self.in_flight = {d: (self.tx_seq[d] + 1, next_seq[d]) for d in links}
-            if wake and not self.wake_in_commit:
+            if wake and not in_commit:
                 self._send_and_wake(params, links, [next_seq[d] for d in links])
             else:
                 self.conn.execute(SEND_BATCH, params, prepare=True)
@@ -373,6 +392,7 @@ class Sender(LinkRecovery):
         if carried:
             metrics.CURSOR_SAVES.labels("sender").inc()
         metrics.INSERT_SECONDS.observe(time.perf_counter() - started)
+        self.last_batch_at = time.monotonic()
         names = self.names
         seen = self.highwater.seen
         for d in links:
@@ -394,6 +414,7 @@ class Sender(LinkRecovery):
         conn = self.conn
         assert conn is not None
         conn.execute(SEND_BATCH, params, prepare=True)
+        metrics.WOKEN_AFTER_COMMIT.inc()
         try:
             conn.execute(WAKE, (wire.fixed("int2", links), wire.fixed("int8", lasts)),
                          prepare=True)

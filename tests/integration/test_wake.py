@@ -66,13 +66,35 @@ def test_a_peer_wakes_only_its_own_links_up_to_what_they_hold(make_lab):
             stranger.execute(wake, ([p2], [5]))
 
 
-@pytest.mark.parametrize("wake", ["after_commit", "in_commit"])
+@pytest.mark.parametrize("wake", ["after_commit", "in_commit", "auto"])
 def test_receivers_are_woken_by_notifications(make_lab, wake):
     lab = make_lab(peers=2, transport={"wake": wake})
     a, b = lab.peers
+    before = {p.name: lab.agent_metrics(p)["pgvpn_batches_woken_after_commit_total"]
+              for p in (a, b)}
     assert lab.ping(a, b, count=20)
     for peer in (a, b):
         m = lab.agent_metrics(peer)
         # every ping and reply woke its receiver by a notification; polls are the idle ones
         assert m['pgvpn_receiver_wakeups_total{cause="notify"}'] >= 20, m
+        assert m["pgvpn_unnotified_batches_total"] == 0, m
+        after = m["pgvpn_batches_woken_after_commit_total"] - before[peer.name]
+        # pings a second apart: "auto" notifies inside each idle sender's commit
+        assert (after >= 20) if wake == "after_commit" else (after == 0), (wake, after)
+
+
+def test_auto_wakes_after_the_commit_while_batches_follow_each_other(make_lab):
+    """A TCP flow keeps both senders busy: their batches leave the notification lock alone,
+    and the flow's receivers are still woken by notifications, not polls."""
+    lab = make_lab(peers=2)
+    a, b = lab.peers
+    report = lab.iperf(a, b, seconds=3)
+    assert report["end"]["sum_received"]["bytes"] > 0
+    for peer in (a, b):
+        m = lab.agent_metrics(peer)
+        batches = m["pgvpn_insert_batches_total"]
+        after = m["pgvpn_batches_woken_after_commit_total"]
+        assert after > batches / 2, (peer.name, after, batches)
+        assert m['pgvpn_receiver_wakeups_total{cause="notify"}'] > 50 * \
+            max(1.0, m['pgvpn_receiver_wakeups_total{cause="poll"}']), m
         assert m["pgvpn_unnotified_batches_total"] == 0, m
