@@ -42,21 +42,17 @@ BATCH_BYTES = 1 << 20
 QUEUE_BYTES = 16 << 20
 # Coalescing applies to reads that found fewer packets than this (or than batch_max).
 COALESCE_BELOW = 16
-# transport.wake = "auto": a batch that follows the previous one by less than this is traffic
-# in full flow, and wakes its receivers after its commit (docs/config.md, Wake-ups).
-BUSY_GAP = 0.005
-
-
-def wakes_in_commit(wake: str, since_last_batch: float) -> bool:
+def wakes_in_commit(wake: str, from_idle: bool) -> bool:
     """Whether a batch's NOTIFY goes inside its own transaction.
 
     Inside, the receiver hears of the batch one round trip sooner, but the commit holds the
     cluster-wide notification lock through its WAL flush, so every busy sender of the cluster
-    queues behind it: "auto" keeps it for a sender coming back from idle (a ping, a keystroke,
-    a request) and moves it out while batches follow each other.
+    queues behind it: "auto" keeps it for a batch whose first packet the sender waited for (a
+    ping, a keystroke, a request) and moves it out while packets are already waiting when the
+    previous batch is done (traffic in full flow).
     """
     if wake == "auto":
-        return since_last_batch >= BUSY_GAP
+        return from_idle
     return wake == "in_commit"
 
 
@@ -101,7 +97,7 @@ class Sender(LinkRecovery):
         self.notify = config.mode == "logged"
         # NOTIFY inside the batch's transaction, or in one of its own after it (migration 0013)
         self.wake = config.transport.wake
-        self.last_batch_at = -BUSY_GAP
+        self.from_idle = True  # the next batch's first packet was waited for
         self._send = self._send_payloads if config.mode == "payload" else self._send_rows
 
     def run(self) -> None:
@@ -119,7 +115,13 @@ class Sender(LinkRecovery):
                     timeout = min(poll, self.no_space.wait_time())
                 else:
                     timeout = 0.0 if self.queue or self.pending else poll
-                ready, _, _ = select.select([fd, self.stop.fileno()], [], [], timeout)
+                waiting = self.queue or self.pending
+                ready, _, _ = select.select([fd, self.stop.fileno()], [], [], 0)
+                busy = bool(waiting) or fd in ready
+                if not ready and timeout:
+                    ready, _, _ = select.select([fd, self.stop.fileno()], [], [], timeout)
+                if not waiting:
+                    self.from_idle = not busy
                 if fd in ready:
                     self._drain()
                     if coalesce and len(self.queue) < few and not self.pending:
@@ -346,9 +348,8 @@ class Sender(LinkRecovery):
         links = sorted(counts)
         with self.delivered.carry() as cursors:
             carried = sorted(cursors)
-            now = time.monotonic()
-            wake = self.notify and now >= self.notify_again_at
-            in_commit = wakes_in_commit(self.wake, now - self.last_batch_at)
+            wake = self.notify and time.monotonic() >= self.notify_again_at
+            in_commit = wakes_in_commit(self.wake, self.from_idle)
             params = (
                 ids[self.config.peer],
                 wake and in_commit,
@@ -392,7 +393,7 @@ class Sender(LinkRecovery):
         if carried:
             metrics.CURSOR_SAVES.labels("sender").inc()
         metrics.INSERT_SECONDS.observe(time.perf_counter() - started)
-        self.last_batch_at = time.monotonic()
+        self.from_idle = False
         names = self.names
         seen = self.highwater.seen
         for d in links:

@@ -7,23 +7,21 @@ import copy
 import pytest
 
 from pgvpn_agent import config
-from pgvpn_agent.sender import BUSY_GAP, wakes_in_commit
+from pgvpn_agent.sender import wakes_in_commit
 from tests.unit.test_config import BASE, with_
 
 
-def test_auto_notifies_in_commit_only_after_an_idle_spell():
+def test_auto_notifies_in_commit_only_for_a_batch_it_waited_for():
     # back from idle (a ping, a keystroke, a request): one round trip sooner
-    assert wakes_in_commit("auto", 1.0)
-    assert wakes_in_commit("auto", BUSY_GAP)
-    # batches that follow each other: off the cluster's notification lock
-    assert not wakes_in_commit("auto", BUSY_GAP / 2)
-    assert not wakes_in_commit("auto", 0.0)
+    assert wakes_in_commit("auto", from_idle=True)
+    # packets already waiting when the last batch was done: off the notification lock
+    assert not wakes_in_commit("auto", from_idle=False)
 
 
-@pytest.mark.parametrize("since", [0.0, 10.0])
-def test_the_fixed_settings_ignore_the_gap(since):
-    assert wakes_in_commit("in_commit", since)
-    assert not wakes_in_commit("after_commit", since)
+@pytest.mark.parametrize("from_idle", [False, True])
+def test_the_fixed_settings_ignore_it(from_idle):
+    assert wakes_in_commit("in_commit", from_idle)
+    assert not wakes_in_commit("after_commit", from_idle)
 
 
 def test_auto_is_the_default_and_other_values_are_refused():
