@@ -29,7 +29,7 @@ from bench.probe import Probe, Usage
 from bench.testbeds import Variant
 from bench.tunnel import RESULTS, Progress
 from pgvpn_agent import labtraffic
-from pgvpn_agent.config import WAKES
+from pgvpn_agent.config import WAKES, Transport
 from pgvpn_agent.lab import Lab, LabError, LabPeer
 from pgvpn_agent.labstandby import Standby
 
@@ -240,8 +240,8 @@ def main(argv: list[str] | None = None) -> int:
             "reps": args.reps, "started": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
             "loadavg_before": os.getloadavg()[0],
             "congestion": labtraffic.congestion_control(args.congestion),
-            "wake": args.wake or "auto", "sealed": args.sealed, "join_bursts": not args.no_join,
-            "standby": args.standby}
+            "wake": args.wake or Transport.wake, "sealed": args.sealed,
+            "join_bursts": not args.no_join, "standby": args.standby}
     try:
         samples = run(args.peers, args.reps, args.seconds, args.idle, phases,
                       args.congestion, {"encrypt": args.sealed, "join_bursts": not args.no_join,

@@ -22,12 +22,13 @@ from pgvpn_agent.routing import RouteTable, RoutingError, SourceFilter
 
 MODES = ("logged", "trigger", "payload")
 ON_DISK_FULL = ("drop_new", "drop_oldest")
-# libpq's sslmode values, weakest first; only verify-full authenticates the server by name.
 # When a batch's receivers are woken: by a second transaction after its commit that writes no
 # row (no WAL flush to wait for: the notification lock held for microseconds), or by a NOTIFY
 # inside it (the lock held through the WAL flush and the standby's confirmation: one notifying
-# commit at a time in the whole cluster). Migration 0013.
+# commit at a time in the whole cluster). Migration 0013. "auto": inside for a batch the sender
+# waited for, after for one whose packets were already waiting (sender.wakes_in_commit).
 WAKES = ("auto", "in_commit", "after_commit")
+# libpq's sslmode values, weakest first; only verify-full authenticates the server by name.
 SSLMODES = ("disable", "allow", "prefer", "require", "verify-ca", "verify-full")
 _TLS_KEYS = ("sslmode", "sslrootcert", "sslcert", "sslkey")
 PEER_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,49}$")

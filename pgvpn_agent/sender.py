@@ -42,6 +42,8 @@ BATCH_BYTES = 1 << 20
 QUEUE_BYTES = 16 << 20
 # Coalescing applies to reads that found fewer packets than this (or than batch_max).
 COALESCE_BELOW = 16
+
+
 def wakes_in_commit(wake: str, from_idle: bool) -> bool:
     """Whether a batch's NOTIFY goes inside its own transaction.
 
@@ -102,6 +104,7 @@ class Sender(LinkRecovery):
 
     def run(self) -> None:
         fd = self.tun.fd
+        watch = [fd, self.stop.fileno()]
         poll = self.config.transport.poll_interval
         coalesce = self.config.transport.coalesce
         few = min(COALESCE_BELOW, self.config.transport.batch_max)
@@ -115,13 +118,12 @@ class Sender(LinkRecovery):
                     timeout = min(poll, self.no_space.wait_time())
                 else:
                     timeout = 0.0 if self.queue or self.pending else poll
-                waiting = self.queue or self.pending
-                ready, _, _ = select.select([fd, self.stop.fileno()], [], [], 0)
-                busy = bool(waiting) or fd in ready
+                ready, _, _ = select.select(watch, [], [], 0)
+                if not (self.queue or self.pending):
+                    # the next batch starts here: were its packets already waiting?
+                    self.from_idle = fd not in ready
                 if not ready and timeout:
-                    ready, _, _ = select.select([fd, self.stop.fileno()], [], [], timeout)
-                if not waiting:
-                    self.from_idle = not busy
+                    ready, _, _ = select.select(watch, [], [], timeout)
                 if fd in ready:
                     self._drain()
                     if coalesce and len(self.queue) < few and not self.pending:
