@@ -84,8 +84,10 @@ def test_receivers_are_woken_by_notifications(make_lab, wake):
 
 
 def test_auto_wakes_after_the_commit_while_batches_follow_each_other(make_lab):
-    """A TCP flow keeps both senders busy: their batches leave the notification lock alone,
-    and the flow's receivers are still woken by notifications, not polls."""
+    """A TCP flow keeps its data sender busy: most of its batches leave the notification lock
+    alone. The ACK sender waits for about half of its batches (each delivered page's ACKs
+    arrive after its previous batch), so it uses both paths. Either way the flow's receivers
+    are woken by notifications, not polls."""
     lab = make_lab(peers=2)
     a, b = lab.peers
     report = lab.iperf(a, b, seconds=3)
@@ -94,7 +96,8 @@ def test_auto_wakes_after_the_commit_while_batches_follow_each_other(make_lab):
         m = lab.agent_metrics(peer)
         batches = m["pgvpn_insert_batches_total"]
         after = m["pgvpn_batches_woken_after_commit_total"]
-        assert after > batches / 2, (peer.name, after, batches)
+        share = 0.5 if peer is a else 0.2
+        assert after > batches * share, (peer.name, after, batches)
         assert m['pgvpn_receiver_wakeups_total{cause="notify"}'] > 50 * \
             max(1.0, m['pgvpn_receiver_wakeups_total{cause="poll"}']), m
         assert m["pgvpn_unnotified_batches_total"] == 0, m
