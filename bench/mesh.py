@@ -1,11 +1,16 @@
 """`pgvpn bench mesh`: many peers at once, against one pair, side by side in one run.
 
-Two labs, one after the other in every repetition: a 2-peer lab (the references: one TCP flow,
-8 parallel flows, both directions at once) and an N-peer lab (idle pings across all pairs, an
-idle window, one pair alone among N peers, then N/2 disjoint pairs at once, one way and with
-`--bidir`). Every window is sampled by `bench.probe`: CPU per process group, what the backends
-wait for, commits, WAL flushes, batches (one NOTIFY each) and wake-ups. The issue's targets
-come out as ratios taken within the run, so a loaded machine still compares like with like.
+Windows, round-robin in every repetition: on a 2-peer lab the references (one TCP flow, 8
+parallel flows, both directions at once), OpenVPN with AES-256-GCM between two namespaces (the
+floor's reference: one flow), and on an N-peer lab idle pings across all pairs, an idle window,
+one pair alone among N peers, then N/2 disjoint pairs at once, one way and with `--bidir`.
+Every window has a fresh lab and starts with the machine's page cache written back: a lab that
+has just logged a few GB runs its next window at 0.5-0.7x of its first (the kernel writing the
+last window's heap back while this one's commits wait for their WAL flushes), which would
+favour whichever window comes first. Every pgvpn window is sampled by `bench.probe`: CPU per
+process group, what the backends wait for, commits, WAL flushes, batches (one NOTIFY each) and
+wake-ups. The issue's targets come out as ratios taken within the run, so a loaded machine
+still compares like with like.
 """
 
 from __future__ import annotations
@@ -26,13 +31,14 @@ from typing import Any
 
 from bench import meshreport, report
 from bench.probe import Probe, Usage
-from bench.testbeds import Variant
-from bench.tunnel import RESULTS, Progress
+from bench.testbeds import Variant, testbed
+from bench.tunnel import RESULTS, VARIANTS, Progress
 from pgvpn_agent import labtraffic
 from pgvpn_agent.config import WAKES, Transport
 from pgvpn_agent.lab import Lab, LabError, LabPeer
 from pgvpn_agent.labstandby import Standby
 
+OPENVPN_AES = next(v for v in VARIANTS if v.key == "openvpn-aes")
 SETTLE = 2.0  # seconds between windows: the previous one's queues drain
 IDLE_PINGS = 3
 # idle pings run two at a time: more would queue behind each other's commits and measure that
@@ -42,7 +48,7 @@ IDLE_PING_WORKERS = 2
 @dataclass(frozen=True)
 class Phase:
     key: str
-    lab: str  # "two" | "mesh"
+    lab: str  # "two" | "mesh" | "openvpn" (two namespaces, no database)
     pairs: int  # 0: idle; -1: N/2
     streams: int = 1
     bidir: bool = False
@@ -52,6 +58,7 @@ PHASES = (
     Phase("one-flow", "two", pairs=1),
     Phase("eight-flows", "two", pairs=1, streams=8),
     Phase("bidir", "two", pairs=1, bidir=True),
+    Phase("openvpn-aes", "openvpn", pairs=1),
     Phase("idle", "mesh", pairs=0),
     Phase("mesh-one-pair", "mesh", pairs=1),
     Phase("mesh", "mesh", pairs=-1),
@@ -149,7 +156,13 @@ def measure(lab: Lab, phase: Phase, rep: int, seconds: float, idle_s: float,
     pairs = [(lab.peers[i], lab.peers[i + 1]) for i in range(0, len(lab.peers) - 1, 2)]
     pairs = pairs[:phase.pairs] if phase.pairs >= 0 else pairs
     rtts = idle_pings(lab) if not pairs else []
+    os.sync()  # the previous window's dirty pages written back before this one starts
     time.sleep(SETTLE)
+    if phase.lab == "openvpn":  # no database, no agents: the throughput alone
+        started = time.monotonic()
+        runs = run_pairs(lab, pairs, phase, seconds, congestion)
+        return Sample(phase.key, rep, 2, runs,
+                      Usage(time.monotonic() - started, {}, {}, {}, {}))
     probe = Probe(lab, memory=not pairs)
     probe.start()
     if pairs:
@@ -158,6 +171,20 @@ def measure(lab: Lab, phase: Phase, rep: int, seconds: float, idle_s: float,
         runs = []
         time.sleep(idle_s)
     return Sample(phase.key, rep, len(lab.peers), runs, probe.stop(), rtts)
+
+
+@contextmanager
+def bed_of(phase: Phase, peers: int, options: dict[str, Any]) -> Iterator[Lab]:
+    """A fresh lab for one window: 2 or N peers with agents, or OpenVPN's two namespaces."""
+    if phase.lab != "openvpn":
+        with lab_of(2 if phase.lab == "two" else peers, phase.lab[0], **options) as lab:
+            yield lab
+        return
+    workdir = Path(tempfile.mkdtemp(prefix="pgvpn-mesh-", dir="/tmp"))
+    workdir.chmod(0o755)
+    pid = os.getpid()
+    with testbed(OPENVPN_AES, workdir, f"pgvm{pid % 10000}o-", 58000 + pid % 1000) as bed:
+        yield bed.lab
 
 
 @contextmanager
@@ -185,15 +212,10 @@ def run(peers: int, reps: int, seconds: float, idle_s: float, phases: tuple[Phas
     progress = Progress(reps * len(phases))
     try:
         for rep in range(1, reps + 1):
-            for which, size in (("two", 2), ("mesh", peers)):
-                todo = [p for p in phases if p.lab == which]
-                if not todo:
-                    continue
-                with lab_of(size, "a" if which == "two" else "b", **(lab_options or {})) as lab:
-                    for phase in todo:
-                        progress.step(Variant(phase.key, meshreport.label(phase.key, size)),
-                                      rep, reps)
-                        samples.append(measure(lab, phase, rep, seconds, idle_s, congestion))
+            for phase in phases:
+                progress.step(Variant(phase.key, meshreport.label(phase.key, peers)), rep, reps)
+                with bed_of(phase, peers, lab_options or {}) as lab:
+                    samples.append(measure(lab, phase, rep, seconds, idle_s, congestion))
     finally:
         progress.close()
     return samples

@@ -7,6 +7,7 @@ a mesh against one pair, 8 flows against one, both directions against one.
 from __future__ import annotations
 
 import json
+import re
 import statistics
 from collections import Counter
 from collections.abc import Callable
@@ -21,12 +22,17 @@ PHASE_NAMES = {
     "one-flow": "2 peers: one pair, 1 flow",
     "eight-flows": "2 peers: one pair, 8 flows",
     "bidir": "2 peers: one pair, --bidir",
+    "openvpn-aes": "OpenVPN AES-256-GCM: 1 flow",
     "idle": "N peers: idle",
     "mesh-one-pair": "N peers: one pair alone",
     "mesh": "N peers: N/2 pairs at once",
     "mesh-bidir": "N peers: N/2 pairs, --bidir",
 }
-FLOOR_MBITS = 560  # one pair on this machine today (issue 17): no ratio met by slowing it
+# One pair when issue 17 was filed: 557-560 Mbit/s beside OpenVPN AES-256-GCM's 618 in the
+# same run. Held as that ratio, measured in this run, so that no other ratio is met by slowing
+# the single pair while a busier hour on a shared machine is not read as a regression.
+FLOOR = 0.9
+FLOOR_REFERENCE = "openvpn-aes"
 PG_GROUPS = ("backends tx", "backends rx", "backends other", "walwriter", "checkpointer",
              "bgwriter", "autovacuum", "postmaster", "walsender", "standby", "other aux",
              "exited")
@@ -40,13 +46,19 @@ def _by_phase(samples: list[Sample]) -> dict[str, list[Sample]]:
     return out
 
 
+def _probed(samples: list[Sample]) -> dict[str, list[Sample]]:
+    """The windows whose costs were sampled: pgvpn's, not OpenVPN's reference."""
+    return {k: g for k, g in _by_phase(samples).items() if k != FLOOR_REFERENCE}
+
+
 def _med(samples: list[Sample], f: Callable[[Sample], float | None]) -> float | None:
     values = [v for s in samples if (v := f(s)) is not None]
     return statistics.median(values) if values else None
 
 
 def label(key: str, peers: int) -> str:
-    return PHASE_NAMES[key].replace("N/2", str(peers // 2)).replace("N ", f"{peers} ")
+    return re.sub(r"\bN/2\b|\bN\b", lambda m: str(peers // 2 if m[0] == "N/2" else peers),
+                  PHASE_NAMES[key])
 
 
 def slowest_share(flows: list[float]) -> float | None:
@@ -60,6 +72,10 @@ def fairness(s: Sample) -> float | None:
     return slowest_share(s.flows)
 
 
+def over(v: float | None, reference: float | None) -> float | None:
+    return v / reference if v is not None and reference else None
+
+
 def targets(samples: list[Sample]) -> list[tuple[str, float | None, float, str]]:
     """(target, measured, needed, how it is computed), each ratio within the run."""
     ph = _by_phase(samples)
@@ -70,7 +86,7 @@ def targets(samples: list[Sample]) -> list[tuple[str, float | None, float, str]]
     one = agg("one-flow")
 
     def over_one(v: float | None) -> float | None:
-        return v / one if v is not None and one else None
+        return over(v, one)
 
     bidir_min = _med(ph.get("bidir", []), lambda s: min(s.flows) if s.flows else None)
     return [
@@ -84,8 +100,8 @@ def targets(samples: list[Sample]) -> list[tuple[str, float | None, float, str]]
          "both directions ÷ one flow"),
         ("--bidir: neither direction below 0.4x", over_one(bidir_min), 0.4,
          "weaker direction ÷ one flow"),
-        (f"floor: one pair ≥ {FLOOR_MBITS} Mbit/s", one / FLOOR_MBITS if one else None, 1.0,
-         f"one flow ÷ {FLOOR_MBITS} (absolute; a loaded machine misses it)"),
+        (f"floor: one pair ≥ {FLOOR:g}x OpenVPN AES", over(one, agg(FLOOR_REFERENCE)), FLOOR,
+         "one flow ÷ OpenVPN AES-256-GCM's one flow (560 ÷ 618 Mbit/s when filed)"),
     ]
 
 
@@ -124,7 +140,7 @@ def cost_table(samples: list[Sample], peers: int) -> str:
              "batches (NOTIFYs)/s | WAL flushes/s | commits per flush | wake-ups/s notify / "
              "poll | receiver cursor commits/s | batch ms | fetch ms | backends |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|"]
-    for key, g in _by_phase(samples).items():
+    for key, g in _probed(samples).items():
         def m(f: Callable[[Sample], float | None], g: list[Sample] = g) -> float | None:
             return _med(g, f)
 
@@ -144,19 +160,22 @@ def cost_table(samples: list[Sample], peers: int) -> str:
             f"{_f(m(lambda s: s.usage.rate('wakeups_notify')), '{:.0f}')} / "
             f"{_f(m(lambda s: s.usage.rate('wakeups_poll')), '{:.1f}')}",
             _f(m(lambda s: s.usage.rate("cursor_saves_receiver")), "{:.0f}"),
-            _f(m(lambda s: 1000 * s.usage.counters["insert_seconds"] / s.usage.counters["batches"]
-                 if s.usage.counters.get("batches") else None), "{:.2f}"),
-            _f(m(lambda s: 1000 * s.usage.counters["fetch_seconds"] / s.usage.counters["fetches"]
-                 if s.usage.counters.get("fetches") else None), "{:.2f}"),
+            _f(m(lambda s: _ms_each(s, "insert_seconds", "batches")), "{:.2f}"),
+            _f(m(lambda s: _ms_each(s, "fetch_seconds", "fetches")), "{:.2f}"),
             _f(m(lambda s: float(sum(v for k, v in s.usage.backends.items()
                                      if k.startswith("backends")))), "{:.0f}") + " |"]))
     return "\n".join(lines)
 
 
+def _ms_each(s: Sample, seconds: str, events: str) -> float | None:
+    c = s.usage.counters
+    return 1000 * c.get(seconds, 0.0) / c[events] if c.get(events) else None
+
+
 def postgres_cpu_table(samples: list[Sample], peers: int) -> str:
     lines = ["| window | " + " | ".join(PG_GROUPS) + " | housekeeping |",
              "|---|" + "---|" * (len(PG_GROUPS) + 1)]
-    for key, g in _by_phase(samples).items():
+    for key, g in _probed(samples).items():
         cells = [_f(_med(g, _cpu_ms(k)), "{:.0f}") for k in (*PG_GROUPS, "housekeeping")]
         lines.append(f"| {label(key, peers)} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
@@ -178,7 +197,7 @@ def wait_shares(samples: list[Sample], role: str) -> dict[str, float]:
 def waits_table(samples: list[Sample], peers: int) -> str:
     lines = ["| window | " + " | ".join(f"{r}: share of samples" for r in WAIT_ROLES) + " |",
              "|---|" + "---|" * len(WAIT_ROLES)]
-    for key, g in _by_phase(samples).items():
+    for key, g in _probed(samples).items():
         cells = []
         for role in WAIT_ROLES:
             shares = wait_shares(g, role)

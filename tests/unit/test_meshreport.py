@@ -27,6 +27,18 @@ def test_targets_are_ratios_to_one_flow_in_the_same_run():
     assert got["8 parallel flows ≥ 1x one flow"] == 0.8
     assert got["--bidir sum ≥ one direction alone"] == 0.8
     assert got["--bidir: neither direction below 0.4x"] == 0.2
+    assert got["floor: one pair ≥ 0.9x OpenVPN AES"] is None  # no reference, no verdict
+
+
+def test_the_floor_is_one_flow_against_openvpn_in_the_same_run():
+    samples = [sample("one-flow", 450), sample("openvpn-aes", 500)]
+    floor = next(t for t in meshreport.targets(samples) if t[0].startswith("floor"))
+    assert floor[1:3] == (0.9, 0.9)
+    table = meshreport.markdown(samples, {"peers": 10, "seconds": 1, "reps": 1,
+                                          "started": "now", "loadavg_before": 0.0})
+    assert "| OpenVPN AES-256-GCM: 1 flow | **500.0**" in table
+    assert "OpenVPN AES-256-GCM: 1 flow" not in table.split("CPU in cores")[1], \
+        "no database, no agents: OpenVPN's window has no cost rows"
 
 
 def test_a_missing_window_is_not_judged():
