@@ -150,13 +150,19 @@ def chart(results: list[Result], path: Path) -> None:
     fig, (left, right) = plt.subplots(1, 2, figsize=(13, 0.55 * len(results) + 2),
                                       sharey=True)
     mbits = [r.median("mbits") or 0.0 for r in results]
-    bars = left.barh(names, ratios, color=colors)
-    left.bar_label(bars, labels=[f"{x:.1f}x ({m:.0f} Mbit/s)" for x, m in zip(ratios, mbits,
-                                                                             strict=True)],
-                   padding=3, fontsize=8)
-    left.set_xscale("log")
-    left.set_xlim(right=max(ratios, default=1.0) * 30)  # room for the labels
-    left.set_xlabel(f"median throughput, x {seed}, log scale")
+    if any(ratios):
+        bars = left.barh(names, ratios, color=colors)
+        left.bar_label(bars, labels=[f"{x:.1f}x ({m:.0f} Mbit/s)"
+                                     for x, m in zip(ratios, mbits, strict=True)],
+                       padding=3, fontsize=8)
+        left.set_xscale("log")
+        left.set_xlim(right=max(ratios) * 30)  # room for the labels
+        left.set_xlabel(f"median throughput, x {seed}, log scale")
+    else:  # no seed variant ran (--only): Mbit/s on a linear scale, nothing to divide by
+        bars = left.barh(names, mbits, color=colors)
+        left.bar_label(bars, labels=[f"{m:.0f} Mbit/s" for m in mbits], padding=3, fontsize=8)
+        left.set_xlim(right=max(mbits, default=1.0) * 1.3)
+        left.set_xlabel("median throughput, Mbit/s (no seed variant in this run)")
     left.invert_yaxis()
     tunnel = [_ms(r.median("tunnel_cpu_s_per_mb")) or 0.0 for r in results]
     database = [_ms(r.median("postgres_cpu_s_per_mb")) or 0.0 for r in results]
