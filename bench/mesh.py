@@ -5,9 +5,9 @@ parallel flows, both directions at once), OpenVPN with AES-256-GCM between two n
 floor's reference: one flow), and on an N-peer lab idle pings across all pairs, an idle window,
 one pair alone among N peers, then N/2 disjoint pairs at once, one way and with `--bidir`.
 Every window has a fresh lab and starts with the machine's page cache written back: a lab that
-has just logged a few GB runs its next window at 0.5-0.7x of its first (the kernel writing the
-last window's heap back while this one's commits wait for their WAL flushes), which would
-favour whichever window comes first. Every pgvpn window is sampled by `bench.probe`: CPU per
+has just logged a few GB runs its next window at 0.5-0.7x of its first (docs/scale.md: the
+heap written since the last checkpoint slows the log), which would favour whichever window
+comes first. Every pgvpn window is sampled by `bench.probe`: CPU per
 process group, what the backends wait for, commits, WAL flushes, batches (one NOTIFY each) and
 wake-ups. The issue's targets come out as ratios taken within the run, so a loaded machine
 still compares like with like.
@@ -156,7 +156,7 @@ def measure(lab: Lab, phase: Phase, rep: int, seconds: float, idle_s: float,
     pairs = [(lab.peers[i], lab.peers[i + 1]) for i in range(0, len(lab.peers) - 1, 2)]
     pairs = pairs[:phase.pairs] if phase.pairs >= 0 else pairs
     rtts = idle_pings(lab) if not pairs else []
-    os.sync()  # the previous window's dirty pages written back before this one starts
+    os.sync()  # nothing of the previous window's writes left for this one to wait behind
     time.sleep(SETTLE)
     if phase.lab == "openvpn":  # no database, no agents: the throughput alone
         started = time.monotonic()
@@ -180,22 +180,29 @@ def bed_of(phase: Phase, peers: int, options: dict[str, Any]) -> Iterator[Lab]:
         with lab_of(2 if phase.lab == "two" else peers, phase.lab[0], **options) as lab:
             yield lab
         return
+    with testbed(OPENVPN_AES, _workdir(), _prefix("o"), _port(2)) as bed:
+        yield bed.lab
+
+
+def _workdir() -> Path:
     workdir = Path(tempfile.mkdtemp(prefix="pgvpn-mesh-", dir="/tmp"))
     workdir.chmod(0o755)
-    pid = os.getpid()
-    with testbed(OPENVPN_AES, workdir, f"pgvm{pid % 10000}o-", 58000 + pid % 1000) as bed:
-        yield bed.lab
+    return workdir
+
+
+def _prefix(tag: str) -> str:
+    return f"pgvm{os.getpid() % 10000}{tag}-"
+
+
+def _port(peers: int) -> int:
+    return 58000 + (os.getpid() * 7 + peers) % 1000
 
 
 @contextmanager
 def lab_of(peers: int, tag: str, standby: bool = False, **options: Any) -> Iterator[Lab]:
     """A lab of `peers`; `options` go to Lab.create (encrypt, join_bursts, db_clock). With
     `standby`, every commit waits for a synchronous standby's flush as well."""
-    workdir = Path(tempfile.mkdtemp(prefix="pgvpn-mesh-", dir="/tmp"))
-    workdir.chmod(0o755)
-    pid = os.getpid()
-    lab = Lab.create(workdir, peers=peers, prefix=f"pgvm{pid % 10000}{tag}-",
-                     port=58000 + (pid * 7 + peers) % 1000, **options)
+    lab = Lab.create(_workdir(), peers=peers, prefix=_prefix(tag), port=_port(peers), **options)
     try:
         lab.up()
         if standby:
