@@ -84,21 +84,17 @@ def targets(samples: list[Sample]) -> list[tuple[str, float | None, float, str]]
         return _med(ph.get(key, []), lambda s: s.mbits)
 
     one = agg("one-flow")
-
-    def over_one(v: float | None) -> float | None:
-        return over(v, one)
-
     bidir_min = _med(ph.get("bidir", []), lambda s: min(s.flows) if s.flows else None)
     return [
-        ("mesh aggregate ≥ 0.8x one pair (2-peer lab)", over_one(agg("mesh")), 0.8,
+        ("mesh aggregate ≥ 0.8x one pair (2-peer lab)", over(agg("mesh"), one), 0.8,
          "N/2 pairs' sum ÷ one flow"),
         ("no mesh pair below half the fair share", _med(ph.get("mesh", []), fairness), 0.5,
          "slowest pair ÷ (sum ÷ pairs)"),
-        ("8 parallel flows ≥ 1x one flow", over_one(agg("eight-flows")), 1.0,
+        ("8 parallel flows ≥ 1x one flow", over(agg("eight-flows"), one), 1.0,
          "-P 8 ÷ -P 1"),
-        ("--bidir sum ≥ one direction alone", over_one(agg("bidir")), 1.0,
+        ("--bidir sum ≥ one direction alone", over(agg("bidir"), one), 1.0,
          "both directions ÷ one flow"),
-        ("--bidir: neither direction below 0.4x", over_one(bidir_min), 0.4,
+        ("--bidir: neither direction below 0.4x", over(bidir_min, one), 0.4,
          "weaker direction ÷ one flow"),
         (f"floor: one pair ≥ {FLOOR:g}x OpenVPN AES", over(one, agg(FLOOR_REFERENCE)), FLOOR,
          "one flow ÷ OpenVPN AES-256-GCM's one flow (560 ÷ 618 Mbit/s when filed)"),
