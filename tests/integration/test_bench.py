@@ -130,11 +130,12 @@ def test_short_mesh_writes_table_json_and_chart(tmp_path):
 def test_long_mesh_crosses_midnight_and_a_checkpoint_beside_a_synchronous_standby(tmp_path):
     """`pgvpn bench mesh-long`: the database's clock (libfaketime) passes midnight inside the
     run, so rows land in two days' partitions; the CHECKPOINT and the closed day's indexes run
-    while the pairs carry traffic; every commit also waited for a synchronous standby."""
+    while the pairs carry traffic; every commit also waited for a synchronous standby. The
+    first pair's reference window is 3 s (60 by default): the report's ratio, not its length."""
     proc = subprocess.run(
         [sys.executable, "-m", "pgvpn_agent", "bench", "mesh-long", "--peers", "4", "--seconds",
          "16", "--segment", "4", "--checkpoint-at", "0.2", "--rollover-at", "0.4",
-         "--index-after", "3", "--standby", "--out", str(tmp_path)],
+         "--index-after", "3", "--reference", "3", "--standby", "--out", str(tmp_path)],
         capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
     md, js, png = (sorted(tmp_path.glob(f"mesh-long-*.{ext}")) for ext in ("md", "json", "png"))
@@ -153,6 +154,7 @@ def test_long_mesh_crosses_midnight_and_a_checkpoint_beside_a_synchronous_standb
     assert report["segments"][0]["start"] < 1 and len(report["segments"]) >= 4
     assert all(s["usage"]["counters"]["batches"] > 0 for s in report["segments"][:-1])
     assert "| midnight (database clock) |" in md[0].read_text()
+    assert "| the first pair alone before the run, same lab: Mbit/s; " in md[0].read_text()
     assert png[0].read_bytes().startswith(b"\x89PNG\r\n\x1a\n")
 
 
