@@ -60,14 +60,14 @@ def mean(values: list[float]) -> float | None:
     return sum(values) / len(values) if values else None
 
 
-def measure(variant: Variant, seconds: float) -> Sample:
+def measure(variant: Variant, seconds: float, pings: int = IDLE_PINGS) -> Sample:
     """One sample on a fresh testbed: idle pings, then iperf3 with pings alongside, and what
     the tunnel's processes and the database spent while iperf3 ran."""
     workdir = Path(tempfile.mkdtemp(prefix="pgvpn-bench-", dir="/tmp"))
     workdir.chmod(0o755)
     pid = os.getpid()
     with testbed(variant, workdir, prefix=f"pgvb{pid}-", port=57000 + pid % 1000) as bed:
-        idle = ping_ms(bed.lab, IDLE_PINGS)
+        idle = ping_ms(bed.lab, pings)
         return _under_load(bed, seconds, idle)
 
 
@@ -151,7 +151,8 @@ class Progress:
         print(("\r\x1b[K" if self.tty else "") + line, end=end, file=sys.stderr, flush=True)
 
 
-def run(variants: tuple[Variant, ...], reps: int, seconds: float) -> list[Result]:
+def run(variants: tuple[Variant, ...], reps: int, seconds: float,
+        pings: int = IDLE_PINGS) -> list[Result]:
     results = [Result(v) for v in variants]
     if any(v.kind == "seed-go" for v in variants):
         seed_go.binary()  # a failed build stops the run before it starts
@@ -161,7 +162,7 @@ def run(variants: tuple[Variant, ...], reps: int, seconds: float) -> list[Result
             for result in results:
                 progress.step(result.variant, rep, reps)
                 try:
-                    result.samples.append(measure(result.variant, seconds))
+                    result.samples.append(measure(result.variant, seconds, pings))
                 except LabError as exc:
                     raise LabError(f"{result.variant.key}, rep {rep}: {exc}") from exc
     finally:
@@ -190,15 +191,19 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="pgvpn bench", description=__doc__)
     p.add_argument("--seconds", type=float, help="iperf3 run per sample (default 8, quick 2)")
     p.add_argument("--reps", type=int, help="repetitions of every variant (default 3, quick 1)")
-    p.add_argument("--quick", action="store_true", help="smoke run: 2 s per variant, 1 rep")
+    p.add_argument("--quick", action="store_true",
+                   help="smoke run: 2 s per variant, 1 rep, 20 idle pings")
+    p.add_argument("--pings", type=int,
+                   help=f"idle pings per sample before iperf3 (default {IDLE_PINGS}, quick 20)")
     p.add_argument("--only", nargs="+", metavar="KEY",
                    help="variants to run: " + ", ".join(v.key for v in VARIANTS))
     p.add_argument("--out", type=Path, default=RESULTS, help=f"output dir (default {RESULTS})")
     args = p.parse_args(argv)
     seconds = args.seconds or (2.0 if args.quick else 8.0)
     reps = args.reps or (1 if args.quick else 3)
+    pings = args.pings or (20 if args.quick else IDLE_PINGS)
     try:
-        results = run(_selected(args.only), reps, seconds)
+        results = run(_selected(args.only), reps, seconds, pings)
     except LabError as exc:
         print(f"pgvpn bench: error: {exc}", file=sys.stderr)
         return 2
