@@ -132,7 +132,8 @@ def _parser() -> argparse.ArgumentParser:
                    "(see `pgvpn bench -h`); `pgvpn bench soak`: the database's limits; "
                    "`pgvpn bench mesh`: many peers at once against one pair; "
                    "`pgvpn bench mesh-long`: a mesh through a checkpoint and midnight; "
-                   "`pgvpn bench rtt`: an idle round trip in stages beside its floor")
+                   "`pgvpn bench rtt`: an idle round trip in stages beside its floor; "
+                   "`pgvpn bench pagecache`: a new page of file cache against a cached one")
 
     filters = argparse.ArgumentParser(add_help=False)
     src = filters.add_mutually_exclusive_group()
@@ -203,6 +204,10 @@ def _bench(argv: list[str]) -> int:
         from bench.rtt import main as rtt_main
 
         return rtt_main(argv[1:])
+    if argv[:1] == ["pagecache"]:
+        from bench.pagecache import main as pagecache_main
+
+        return pagecache_main(argv[1:])
     from bench.tunnel import main as bench_main
 
     return bench_main(argv)

@@ -190,3 +190,33 @@ def test_rtt_cuts_idle_pings_into_stages_beside_the_floor(tmp_path):
     table = md[0].read_text()
     assert "| floor: a WAL flush (pg_test_fsync, one 8 kB write), ms |" in table
     assert png[0].read_bytes().startswith(b"\x89PNG\r\n\x1a\n")
+
+
+def test_pagecache_probe_compares_new_cached_and_freed_pages(tmp_path):
+    """`pgvpn bench pagecache`: the three phases sampled, the machine's free page reporting
+    named, the file it wrote gone."""
+    work = tmp_path / "work"
+    work.mkdir()
+    proc = subprocess.run(
+        [sys.executable, "-m", "pgvpn_agent", "bench", "pagecache", "--gb", "0.25", "--again",
+         "0.125", "--step", "32", "--rate", "0", "--dir", str(work), "--out", str(tmp_path)],
+        capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    md, js, png = (sorted(tmp_path.glob(f"pagecache-*.{ext}")) for ext in ("md", "json", "png"))
+    assert len(md) == len(js) == len(png) == 1, list(tmp_path.iterdir())
+    report = json.loads(js[0].read_text())
+    phases = [s["phase"] for s in report["steps"]]
+    assert phases == ["new file"] * 8 + ["cached pages"] * 4 + ["memory freed a moment ago"] * 4
+    assert all(s["us_per_page"] >= 0 and s["free_mb"] > 0 for s in report["steps"])
+    assert report["meta"]["free_page_reporting"]
+    assert "| the same file again (cached pages) |" in md[0].read_text()
+    assert png[0].read_bytes().startswith(b"\x89PNG\r\n\x1a\n")
+    assert list(work.iterdir()) == []
+
+
+def test_pagecache_probe_refuses_a_directory_without_room(tmp_path):
+    proc = subprocess.run(
+        [sys.executable, "-m", "pgvpn_agent", "bench", "pagecache", "--gb", "100000", "--dir",
+         str(tmp_path), "--out", str(tmp_path)], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2 and "GB free" in proc.stderr, proc.stderr
+    assert list(tmp_path.iterdir()) == []
