@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from bench import meshreport, report
+from bench import meshreport, pagecache, report
 from bench.probe import Probe, Usage
 from bench.testbeds import Variant, testbed
 from bench.tunnel import RESULTS, VARIANTS, Progress
@@ -270,7 +270,8 @@ def main(argv: list[str] | None = None) -> int:
             "loadavg_before": os.getloadavg()[0],
             "congestion": labtraffic.congestion_control(args.congestion),
             "wake": args.wake or Transport.wake, "sealed": args.sealed,
-            "join_bursts": not args.no_join, "standby": args.standby}
+            "join_bursts": not args.no_join, "standby": args.standby,
+            "free_page_reporting": pagecache.machine()["free_page_reporting"]}
     try:
         samples = run(args.peers, args.reps, args.seconds, args.idle, phases,
                       args.congestion, {"encrypt": args.sealed, "join_bursts": not args.no_join,

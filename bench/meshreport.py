@@ -241,6 +241,15 @@ def idle_table(samples: list[Sample]) -> str:
     return "\n".join(lines)
 
 
+def _memory_note(reporting: str | None) -> str:
+    """Long windows on a machine that hands free memory back to its host measure that too."""
+    if not reporting or not reporting.startswith("on"):
+        return ""
+    return (f" This machine reports free pages to its host ({reporting}): past the memory it "
+            "touched recently, every new page of the log's file cache faults on the host "
+            "(`pgvpn bench pagecache`), and a window that outlasts that memory measures it.")
+
+
 def markdown(samples: list[Sample], meta: dict[str, Any]) -> str:
     peers = meta["peers"]
     parts = [f"`pgvpn bench mesh --peers {peers}`: {meta['seconds']:g} s per window, "
@@ -250,7 +259,8 @@ def markdown(samples: list[Sample], meta: dict[str, Any]) -> str:
              f"transport.wake {meta.get('wake', 'in_commit')}"
              f"{', sealed payloads' if meta.get('sealed') else ''}"
              f"{', TCP bursts not joined' if meta.get('join_bursts') is False else ''}"
-             f"{', a synchronous standby' if meta.get('standby') else ', one server'}.",
+             f"{', a synchronous standby' if meta.get('standby') else ', one server'}."
+             f"{_memory_note(meta.get('free_page_reporting'))}",
              throughput_table(samples, peers), targets_table(samples),
              "CPU in cores (CPU-seconds per second), rates per second of the window:",
              cost_table(samples, peers),

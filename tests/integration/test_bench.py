@@ -118,6 +118,7 @@ def test_short_mesh_writes_table_json_and_chart(tmp_path):
             assert usage["cpu_s"]["agents"] > 0 and usage["cpu_s"]["backends tx"] > 0, phase
             assert usage["counters"]["commits"] > 0 and usage["counters"]["wal_syncs"] > 0
             assert usage["counters"]["batches"] > 0 and usage["waits"]["backends tx"]
+    assert report["free_page_reporting"]  # what long windows measure besides pgvpn
     assert [t["needed"] for t in report["targets"]] == [0.8, 0.5, 1.0, 1.0, 0.4, 0.9]
     assert all(t["measured"] is not None for t in report["targets"])
     table = md[0].read_text()

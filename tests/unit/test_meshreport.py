@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import pytest
+
 from bench import meshreport
 from bench.mesh import PairRun, Sample
 from bench.probe import Usage, role_of, wait_of
@@ -63,3 +65,13 @@ def test_backends_and_waits_are_named_by_what_they_serve():
     assert wait_of("idle in transaction", "Client", "ClientRead") == \
         "in transaction, waiting for agent"
     assert wait_of("active", "Lock", "object") == "Lock:object"
+
+
+@pytest.mark.parametrize("reporting, said", [("on, blocks of order 9 and up", True),
+                                             ("off", False), ("no balloon device", False),
+                                             (None, False)])
+def test_the_header_names_a_host_that_takes_free_memory_back(reporting, said):
+    meta = {"peers": 10, "seconds": 60, "reps": 1, "started": "now", "loadavg_before": 0.0,
+            "free_page_reporting": reporting}
+    header = meshreport.markdown([sample("one-flow", 450)], meta).split("\n\n")[0]
+    assert ("reports free pages to its host (on, blocks of order 9" in header) == said
