@@ -23,7 +23,10 @@ import os
 import resource
 import statistics
 import sys
+import tempfile
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -78,40 +81,43 @@ def machine() -> dict[str, object]:
             "mem_total_mb": os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") >> 20}
 
 
-def write(run: Run, path: Path, phase: str, gb: float, rate: float, step_mb: int,
-          truncate: bool) -> None:
-    """Write `gb` of 8 kB pages to `path` from its start at `rate` MB/s (0: at once)."""
+def write(run: Run, fd: int, phase: str, gb: float, rate: float, step_mb: int) -> None:
+    """Write `gb` of 8 kB pages to `fd` from its start at `rate` MB/s (0: at once)."""
     page = b"\x5a" * PAGE
     per_step = step_mb * (1 << 20) // PAGE
-    flags = os.O_WRONLY | os.O_CREAT | (os.O_TRUNC if truncate else 0)
-    fd = os.open(path, flags, 0o600)
+    os.lseek(fd, 0, os.SEEK_SET)
+    start = time.monotonic()
+    for n in range(max(1, round(gb * 1024 / step_mb))):
+        cpu = resource.getrusage(resource.RUSAGE_SELF).ru_stime
+        for _ in range(per_step):
+            os.write(fd, page)
+        cpu = resource.getrusage(resource.RUSAGE_SELF).ru_stime - cpu
+        free, dirty = _meminfo()
+        run.steps.append(Step(phase, round((n + 1) * step_mb / 1024, 3),
+                              round(cpu / per_step * 1e6, 2), free, dirty))
+        if rate:
+            time.sleep(max(0.0, start + (n + 1) * step_mb / rate - time.monotonic()))
+
+
+@contextmanager
+def _scratch(directory: Path) -> Iterator[int]:
+    """A new file of our own (O_EXCL: the directory may be /var/tmp), deleted afterwards."""
+    fd, name = tempfile.mkstemp(prefix="pgvpn-pagecache-", dir=directory)
     try:
-        start = time.monotonic()
-        for n in range(max(1, round(gb * 1024 / step_mb))):
-            cpu = resource.getrusage(resource.RUSAGE_SELF).ru_stime
-            for _ in range(per_step):
-                os.write(fd, page)
-            cpu = resource.getrusage(resource.RUSAGE_SELF).ru_stime - cpu
-            free, dirty = _meminfo()
-            run.steps.append(Step(phase, round((n + 1) * step_mb / 1024, 3),
-                                  round(cpu / per_step * 1e6, 2), free, dirty))
-            if rate:
-                time.sleep(max(0.0, start + (n + 1) * step_mb / rate - time.monotonic()))
+        yield fd
     finally:
         os.close(fd)
+        os.unlink(name)
 
 
 def probe(directory: Path, gb: float, again: float, rate: float, step_mb: int) -> Run:
     run = Run({"started": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "gb": gb, "rate_mb_s": rate,
                "step_mb": step_mb, "directory": str(directory), **machine()})
-    path = directory / f"pgvpn-pagecache-{os.getpid()}"
-    try:
-        write(run, path, PHASES[0], gb, rate, step_mb, truncate=True)
-        write(run, path, PHASES[1], min(again, gb), rate, step_mb, truncate=False)
-        path.unlink()
-        write(run, path, PHASES[2], again, rate, step_mb, truncate=True)
-    finally:
-        path.unlink(missing_ok=True)
+    with _scratch(directory) as fd:
+        write(run, fd, PHASES[0], gb, rate, step_mb)
+        write(run, fd, PHASES[1], min(again, gb), rate, step_mb)
+    with _scratch(directory) as fd:  # into the memory the first file's cache just gave back
+        write(run, fd, PHASES[2], again, rate, step_mb)
     return run
 
 
