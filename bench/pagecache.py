@@ -68,12 +68,16 @@ def machine() -> dict[str, object]:
     """What decides the result: the hypervisor's free page reporting, the dirty thresholds."""
     order = Path("/sys/module/page_reporting/parameters/page_reporting_order")
     reporting = "no balloon device"
-    for dev in Path("/sys/bus/virtio/devices").glob("*"):
-        if (dev / "device").read_text().strip() == "0x0005":  # virtio-balloon
-            bits = (dev / "features").read_text().strip()
-            on = len(bits) > 5 and bits[5] == "1"  # VIRTIO_BALLOON_F_REPORTING
-            reporting = (f"on, blocks of order {order.read_text().strip()} and up"
-                         if on and order.exists() else "off")
+    try:
+        for dev in Path("/sys/bus/virtio/devices").glob("*"):
+            if (dev / "device").read_text().strip() == "0x0005":  # virtio-balloon
+                bits = (dev / "features").read_text().strip()
+                on = len(bits) > 5 and bits[5] == "1"  # VIRTIO_BALLOON_F_REPORTING
+                reporting = "off" if not on else "on" + (
+                    f", blocks of order {order.read_text().strip()} and up"
+                    if order.exists() else "")
+    except OSError as exc:
+        reporting = f"unknown ({exc.strerror})"
     sysctl = {name: Path(f"/proc/sys/vm/{name}").read_text().strip()
               for name in ("dirty_ratio", "dirty_background_ratio", "dirty_bytes",
                            "dirty_background_bytes")}
