@@ -18,6 +18,7 @@ or not the kernel also throttles the writer for dirty pages; free memory and dir
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import resource
@@ -126,9 +127,7 @@ def probe(directory: Path, gb: float, again: float, rate: float, step_mb: int) -
 
 
 def markdown(run: Run) -> str:
-    def f(v: float | None) -> str:
-        return "-" if v is None else f"{v:.1f}"
-
+    f = functools.partial(report.fmt, spec="{:.1f}")
     first, last = run.median(PHASES[0], True), run.median(PHASES[0], False)
     cached = run.median(PHASES[1], True, float("inf"))
     freed = run.median(PHASES[2], True)

@@ -88,16 +88,16 @@ def table(results: list[Result]) -> str:
         lines.append(" | ".join([
             f"| {r.variant.name}",
             f"{min(mbits):.1f} / **{statistics.median(mbits):.1f}** / {max(mbits):.1f}",
-            _fmt(ratio(results, r.variant.key, seed), "{:.1f}x"),
-            " / ".join(_fmt(r.median(k), "{:.2f}") for k in
+            fmt(ratio(results, r.variant.key, seed), "{:.1f}x"),
+            " / ".join(fmt(r.median(k), "{:.2f}") for k in
                        ("rtt_idle_ms", "rtt_idle_p50_ms", "rtt_idle_p99_ms")),
-            " / ".join(_fmt(r.median(k), "{:.1f}") for k in
+            " / ".join(fmt(r.median(k), "{:.1f}") for k in
                        ("rtt_load_p50_ms", "rtt_load_p99_ms")),
-            _fmt(r.median("rows") if r.variant.kind in LOGGING else None, "{:.0f}"),
-            _fmt(r.median("log_bytes_per_byte"), "{:.2f}"),
-            _fmt(_ms(r.median("tunnel_cpu_s_per_mb")), "{:.2f}"),
-            _fmt(_ms(r.median("postgres_cpu_s_per_mb")), "{:.2f}"),
-            _fmt(r.median("peak_rss_mb"), "{:.0f}") + " |"]))
+            fmt(r.median("rows") if r.variant.kind in LOGGING else None, "{:.0f}"),
+            fmt(r.median("log_bytes_per_byte"), "{:.2f}"),
+            fmt(_ms(r.median("tunnel_cpu_s_per_mb")), "{:.2f}"),
+            fmt(_ms(r.median("postgres_cpu_s_per_mb")), "{:.2f}"),
+            fmt(r.median("peak_rss_mb"), "{:.0f}") + " |"]))
     return "\n".join(lines)
 
 
@@ -108,8 +108,8 @@ def summary(results: list[Result]) -> str:
     default = next((r for r in results if r.variant.key == DEFAULT), None)
     if default is not None:
         lines.append(f"- `{DEFAULT}` (MTU {default.variant.mtu}): "
-                     f"{_fmt(ratio(results, DEFAULT, seed), '{:.1f}x')} {seed}, "
-                     f"{_fmt(ratio(results, DEFAULT, OPENVPN_AES), '{:.2f}x')} OpenVPN AES")
+                     f"{fmt(ratio(results, DEFAULT, seed), '{:.1f}x')} {seed}, "
+                     f"{fmt(ratio(results, DEFAULT, OPENVPN_AES), '{:.2f}x')} OpenVPN AES")
     rss = [max(r.values("peak_rss_mb")) for r in results
            if r.variant.kind == "pgvpn" and r.values("peak_rss_mb")]
     if rss:
@@ -181,5 +181,6 @@ def _ms(seconds: float | None) -> float | None:
     return None if seconds is None else seconds * 1000
 
 
-def _fmt(value: float | None, spec: str) -> str:
+def fmt(value: float | None, spec: str) -> str:
+    """A table cell: "-" for a figure that was not measured."""
     return "-" if value is None else spec.format(value)
