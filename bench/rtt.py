@@ -4,10 +4,11 @@ The floor is what no design that logs a packet durably before delivering it can 
 WAL flush (`pg_test_fsync`, the server's `wal_sync_method`), and on the lab's own PostgreSQL one
 direction as the seed did it (INSERT and pg_notify, the listener woken, the row read back by
 id) and as a sealed pair does it (the row rides in the notification: no read). Twice that is a
-round trip's floor. Beside it, idle pings through the seed's Go program (bench/seed_go) and through
-`pgvpn lab` (agents on TCP, so that their database traffic can be captured), each pgvpn ping
-cut into stages (bench/rttstages.py) from captures of both TUN devices and both agents'
-connections on one clock. Variants alternate, round-robin.
+round trip's floor, measured back to back. Beside it, pings through the seed's Go program
+(bench/seed_go) and through `pgvpn lab` (agents on TCP, so that their database traffic can be
+captured), idle ones (tunnel.PING_INTERVAL apart) and back-to-back ones (`ping -A`); each idle
+pgvpn ping is cut into stages (bench/rttstages.py) from captures of both TUN devices and both
+agents' connections on one clock. Variants alternate, round-robin.
 """
 
 from __future__ import annotations
@@ -66,7 +67,11 @@ def fsync_us(lab: Lab) -> dict[str, Any]:
 
 def floor_ms(lab: Lab, rounds: int) -> dict[str, float]:
     """Median milliseconds of one direction, the seed's way and the carried way, on the lab's
-    PostgreSQL over the agents' path to it (TCP, or its socket; a scratch database, superuser)."""
+    PostgreSQL over the agents' path to it (TCP, or its socket; a scratch database, superuser).
+
+    Back to back: it is the floor of back-to-back pings. (The same rounds 50 ms apart cost 2.8
+    times as much here, but through a Python client that is itself cold after each pause: the
+    seed's Go program pinged faster than that, so it is no floor for idle pings.)"""
     host = lab.peers[0].mgmt_host if lab.tcp else str(lab.sockdir)
     base = f"host={host} port={lab.port} user=postgres"
     with psycopg.connect(f"{base} dbname=postgres", autocommit=True) as admin:
@@ -172,7 +177,9 @@ def measure(sealed: bool | None, pings: int, workdir: Path) -> dict[str, Any]:
         with testbed(seed_go_variant(), workdir / "lab", prefix, port) as bed:
             return {"sealed": False, "fsync": fsync_us(bed.lab),
                     "floor_ms": floor_ms(bed.lab, FLOOR_ROUNDS),
-                    "ping_ms": ping_ms(bed.lab, pings), "trips": []}
+                    "ping_ms": ping_ms(bed.lab, pings),
+                    "ping_warm_ms": ping_ms(bed.lab, pings, back_to_back=True),
+                    "trips": []}
     lab = Lab.create(workdir / "lab", prefix=prefix, port=port, tcp=True, encrypt=sealed)
     try:
         lab.up()
@@ -180,12 +187,13 @@ def measure(sealed: bool | None, pings: int, workdir: Path) -> dict[str, Any]:
         floor = floor_ms(lab, FLOOR_ROUNDS)
         with capture(lab, workdir) as files:
             rtts = ping_ms(lab, pings)
+        warm = ping_ms(lab, pings, back_to_back=True)
         echoes, frames = parse(lab, files)
         trips = round_trips(echoes, frames)
     finally:
         lab.down()
     return {"sealed": sealed, "fsync": fsync, "floor_ms": floor, "ping_ms": rtts,
-            "trips": trips}
+            "ping_warm_ms": warm, "trips": trips}
 
 
 def seed_go_variant() -> Variant:

@@ -42,11 +42,16 @@ IDLE_PINGS = 50
 # The server settings that decide what a commit promises, recorded with every sample.
 DURABILITY = ("synchronous_commit", "fsync", "full_page_writes", "wal_sync_method")
 
+# idle pings: every process on the path has gone back to sleep before the next one
+PING_INTERVAL = 0.05
 
-def ping_ms(lab: Lab, count: int) -> list[float]:
-    """Round trips peer1 -> peer2, one per reply."""
+
+def ping_ms(lab: Lab, count: int, back_to_back: bool = False) -> list[float]:
+    """Round trips peer1 -> peer2, one per reply: PING_INTERVAL apart, or each as soon as the
+    last one's reply is in (`ping -A`: one in flight, never idle between them)."""
     a, b = lab.peers[:2]
-    out = lab.exec(a, ["ping", "-n", "-c", str(count), "-i", "0.05", "-W", "2", b.ipv4])
+    pace = ["-A", "-i", "0"] if back_to_back else ["-i", str(PING_INTERVAL)]
+    out = lab.exec(a, ["ping", "-n", "-c", str(count), *pace, "-W", "2", b.ipv4])
     return [float(t) for t in re.findall(r" time=([\d.]+) ms", out.stdout)]
 
 

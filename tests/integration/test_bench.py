@@ -171,7 +171,7 @@ def test_rtt_cuts_idle_pings_into_stages_beside_the_floor(tmp_path):
     report = json.loads(js[0].read_text())
     assert [r["key"] for r in report["runs"]] == ["seed-go", "logged", "logged-sealed"]
     for run in report["runs"]:
-        assert len(run["ping_ms"]) == 8, run["key"]
+        assert len(run["ping_ms"]) == len(run["ping_warm_ms"]) == 8, run["key"]
         floor = run["floor_ms"]
         assert floor["commit"] > 0 and 0 < floor["carried"] < floor["logged"]
         assert run["fsync"]["us"] > 0 and run["fsync"]["method"] == "fdatasync"
@@ -190,6 +190,8 @@ def test_rtt_cuts_idle_pings_into_stages_beside_the_floor(tmp_path):
             assert len(fetched) == len(run["trips"])
     table = md[0].read_text()
     assert "| floor: a WAL flush (pg_test_fsync, one 8 kB write), ms |" in table
+    assert "| back-to-back ping p50 / p99 ms (`ping -A`) |" in table
+    assert "| back-to-back ping / floor (logged: the seed's way; sealed: carried) |" in table
     assert png[0].read_bytes().startswith(b"\x89PNG\r\n\x1a\n")
 
 
