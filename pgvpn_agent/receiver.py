@@ -14,7 +14,7 @@ import time
 import psycopg
 from psycopg import sql
 
-from pgvpn_agent import carried, db, faults, metrics, seal, tun, wire
+from pgvpn_agent import carried, carrybox, db, faults, metrics, seal, tun, wire
 from pgvpn_agent.config import Config
 from pgvpn_agent.delivered import Delivered
 from pgvpn_agent.highwater import ExitCursors
@@ -87,6 +87,10 @@ class Receiver:
         self.sources = config.source_filter()
         # The texts of the notifications that woke this receiver, until read (carried.py).
         self.notes: list[str] = []
+        # Unsealed pairs: each incoming link's carry key (carrybox.py), read at connect and
+        # again, at most once a poll interval, after a box did not open (a key made anew).
+        self.carry_keys: dict[int, bytes] = {}
+        self.keys_read_at = 0.0
         self.fetched_all_at = 0.0  # time.monotonic() of the last fetch of every link
 
     def run(self) -> None:
@@ -236,25 +240,48 @@ class Receiver:
         cannot open, moves no cursor; the fetch that follows reads the log instead.
         """
         notes, self.notes = self.notes, []
-        if not notes or self.sealer is None:
+        if not notes:
             return False
-        found = carried.pending(notes, self.cursor)
+        sealer = self.sealer
+        found = carried.pending(notes, self.cursor, None if sealer is not None else self._unbox)
         if found is None:
             return False
         rows: list[Row] = []
-        for src, seq, (sealed, offload) in found:
+        for src, seq, (payload, offload) in found:
             name = self.names.get(src)
             if name is None:
                 return False
-            try:
-                rows.append((src, seq, 0.0, self.sealer.open(name, seq, sealed), offload))
-            except seal.Unsealable:
-                metrics.CARRIED_REFUSED.inc()
-                return False
+            if sealer is not None:
+                try:
+                    payload = sealer.open(name, seq, payload)
+                except seal.Unsealable:
+                    metrics.CARRIED_REFUSED.inc()
+                    return False
+            rows.append((src, seq, 0.0, payload, offload))
         if rows:
             self._deliver(rows, time.perf_counter(), opened=True)
             metrics.CARRIED.inc(len(rows))
         return True
+
+    def _unbox(self, note: carried.Note) -> tuple[carried.Carried, ...] | None:
+        """The rows of a note's box, opened with its link's carry key; None: read the table."""
+        assert note.box is not None
+        key = self.carry_keys.get(note.src)
+        rows = None if key is None else carrybox.open_box(key, note.src, note.last, self.me,
+                                                           note.box)
+        if rows is None:
+            metrics.CARRIED_REFUSED.inc()
+            if (self.conn is not None and time.monotonic() - self.keys_read_at
+                    >= self.config.transport.poll_interval):
+                self._read_keys(self.conn)
+        return rows
+
+    def _read_keys(self, conn: db.Conn) -> None:
+        """The carry keys of this peer's incoming links (row-level security: its own only)."""
+        self.keys_read_at = time.monotonic()
+        if self.sealer is None and self.config.mode == "logged":
+            self.carry_keys = {int(s): bytes(k) for s, k in conn.execute(
+                "SELECT src, key FROM pgvpn.carry_key WHERE dst = %s", (self.me,)).fetchall()}
 
     def _deliver(self, rows: list[Row], started: float, opened: bool = False) -> None:
         """Write a page of rows (grouped by link, in sequence order) to the TUN, then move the
@@ -391,6 +418,7 @@ class Receiver:
                 ahead = {s: c for s, c in self.cursor.items() if c > saved.get(s, 0)}
                 if ahead:
                     conn.execute(SAVE_CURSORS, (list(ahead), list(ahead.values()), self.me))
+                self._read_keys(conn)
             except BaseException:
                 conn.close()
                 raise

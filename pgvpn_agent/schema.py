@@ -37,6 +37,11 @@ WHERE p.pronamespace = 'pg_catalog'::regnamespace
        OR p.proname IN ('loread', 'lowrite'))
 ORDER BY 1
 """
+# pgcrypto, for the carry boxes of send_batch() (migration 0015): in a schema of its own that
+# only the owner may use, and of its functions only these.
+CRYPTO_SCHEMA = "pgvpn_crypto"
+OWNER_CRYPTO = ("gen_random_bytes(integer)", "encrypt_iv(bytea,bytea,bytea,text)",
+                "hmac(bytea,bytea,text)")
 OWNER_LOCKS = ("pg_try_advisory_lock(integer,integer)", "pg_advisory_unlock(integer,integer)",
                "pg_advisory_xact_lock(bigint)", "pg_try_advisory_xact_lock(bigint)")
 # What the owner's lock_peer() reads of _STATISTICS: who holds an agent's lock.
@@ -205,6 +210,7 @@ def _harden(conn: psycopg.Connection[Any], owner: str) -> None:
         privilege = "SELECT" if thing.startswith("TABLE") else "EXECUTE"
         conn.execute(sql.SQL("GRANT {} ON {} TO {}").format(
             sql.SQL(privilege), sql.SQL(thing), ident))
+    _crypto(conn, owner)
     conn.execute(sql.SQL("ALTER DEFAULT PRIVILEGES FOR ROLE {} REVOKE EXECUTE ON FUNCTIONS "
                          "FROM PUBLIC").format(ident))
     # statistics an earlier version let ANALYZE gather on the log and the links (0011: none
@@ -216,6 +222,34 @@ def _harden(conn: psycopg.Connection[Any], owner: str) -> None:
                                           to_regclass('pgvpn.link'), to_regclass('pgvpn.cursor'))
                            OR s.starelid IN (SELECT inhrelid FROM pg_catalog.pg_inherits
                                              WHERE inhparent = to_regclass('pgvpn.packet')))""")
+
+
+def _crypto(conn: psycopg.Connection[Any], owner: str) -> None:
+    """pgcrypto in CRYPTO_SCHEMA, usable by the owner alone (a peer reaches no function of it)."""
+    row = conn.execute("SELECT n.nspname FROM pg_catalog.pg_extension e JOIN "
+                       "pg_catalog.pg_namespace n ON n.oid = e.extnamespace "
+                       "WHERE e.extname = 'pgcrypto'").fetchone()
+    if row and row[0] != CRYPTO_SCHEMA:
+        raise RuntimeError(
+            f"pgcrypto is installed in schema {row[0]!r} of this database; pgvpn needs it in "
+            f"{CRYPTO_SCHEMA!r}, which only its owner may use (`ALTER EXTENSION pgcrypto SET "
+            f"SCHEMA {CRYPTO_SCHEMA}` after `CREATE SCHEMA {CRYPTO_SCHEMA}`, if nothing else "
+            "uses it there)")
+    schema = sql.Identifier(CRYPTO_SCHEMA)
+    if row is None:
+        available = conn.execute("SELECT 1 FROM pg_catalog.pg_available_extensions "
+                                 "WHERE name = 'pgcrypto'").fetchone()
+        if not available:
+            raise RuntimeError("the PostgreSQL server has no pgcrypto extension: install its "
+                               "contrib modules (Debian: part of postgresql-15)")
+        conn.execute(sql.SQL("CREATE SCHEMA IF NOT EXISTS {}").format(schema))
+        conn.execute(sql.SQL("CREATE EXTENSION pgcrypto WITH SCHEMA {}").format(schema))
+    conn.execute(sql.SQL("REVOKE ALL ON SCHEMA {} FROM PUBLIC").format(schema))
+    conn.execute(sql.SQL("REVOKE ALL ON ALL FUNCTIONS IN SCHEMA {} FROM PUBLIC").format(schema))
+    conn.execute(sql.SQL("GRANT USAGE ON SCHEMA {} TO {}").format(schema, sql.Identifier(owner)))
+    for function in OWNER_CRYPTO:
+        conn.execute(sql.SQL("GRANT EXECUTE ON FUNCTION {}.{} TO {}").format(
+            schema, sql.SQL(function), sql.Identifier(owner)))
 
 
 def check_version(conn: psycopg.Connection[Any]) -> None:

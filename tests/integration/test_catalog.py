@@ -4,10 +4,10 @@ Every function, table, view and sequence of schema pgvpn with its owner, SECURIT
 settings, grants and row-level security; the policies and triggers; the planner statistics the
 log may keep; the pg_catalog functions a peer must not run (and pg_notify, which it may, on
 purpose); the statistics views and functions, which only operators and monitoring read; what the
-owner was granted outside its schema; the database's own privileges; the pgvpn roles, their
-attributes and memberships. A fresh database and one upgraded from v10 must both match it
-exactly: an object added later, or a grant widened, fails here until this list (and
-docs/security.md) say so.
+owner was granted outside its schema; pgcrypto's schema and who may run what in it; the
+database's own privileges; the pgvpn roles, their attributes and memberships. A fresh database
+and one upgraded from v10 must both match it exactly: an object added later, or a grant
+widened, fails here until this list (and docs/security.md) say so.
 """
 
 from __future__ import annotations
@@ -65,6 +65,8 @@ FUNCTIONS = {
     "pgvpn.segments(bytea,integer)": invoker(AGENT, READERS),
     # a trigger function needs no EXECUTE right to fire
     "pgvpn.notify_row()": invoker(config=(DEFINER_PATH,)),
+    # a new link's carry key (migration 0015)
+    "pgvpn.make_carry_key()": invoker(config=(DEFINER_PATH,)),
     # called by the owner only (migration 0011, ensure_partitions), as the owner
     "pgvpn.hide_statistics(regclass)": invoker(config=(DEFINER_PATH,)),
 }
@@ -85,6 +87,9 @@ RELATIONS: dict[str, dict[str, Any]] = {
     "pgvpn.cursor": {"kind": "r", "rls": [True, True],
                      "grants": {AGENT: ["SELECT"], READERS: ["SELECT"]},
                      "columns": {"rx_seq": {AGENT: ["UPDATE"]}, "rx_at": {AGENT: ["UPDATE"]}}},
+    # the key a link's small unsealed batches ride in the notification with: its receiver's
+    "pgvpn.carry_key": {"kind": "r", "rls": [True, True], "grants": {AGENT: ["SELECT"]},
+                        "columns": {}},
     "pgvpn.packet": {"kind": "p", "rls": [True, True],
                      "grants": {AGENT: ["SELECT"], READERS: ["SELECT"]}, "columns": {}},
     "pgvpn.limits": {"kind": "r", "rls": [False, False],
@@ -133,6 +138,8 @@ POLICIES = {
     "link.peer_sees_own": ["r", [AGENT], EITHER_END, None],
     "cursor.peer_sees_own": ["r", [AGENT], EITHER_END, None],
     "cursor.receiver_moves_own": ["w", [AGENT], f"(dst = {MY_PEER})", f"(dst = {MY_PEER})"],
+    # a carry key: its receiver's alone (not even the sender's: it could forge a box)
+    "carry_key.receiver_reads_own": ["r", [AGENT], f"(dst = {MY_PEER})", None],
     # readers: everything
     "packet.reader_reads_all": ["r", [READERS], "true", None],
     "link.reader_reads_all": ["r", [READERS], "true", None],
@@ -148,8 +155,12 @@ POLICIES = {
     "cursor.owner_registers": ["a", [OWNER], None, "true"],
     "cursor.receiver_saves": ["w", [OWNER], f"(dst = {SESSION_PEER})", f"(dst = {SESSION_PEER})"],
     "link.owner_removes": ["d", [OWNER], removed_end("link"), None],
+    # send_batch() reads them; a new link's trigger adds one (removal: the link's cascade)
+    "carry_key.owner_reads": ["r", [OWNER], "true", None],
+    "carry_key.owner_registers": ["a", [OWNER], None, "true"],
 }
-TRIGGERS = {"packet.packet_notify": "pgvpn.notify_row()"}
+TRIGGERS = {"packet.packet_notify": "pgvpn.notify_row()",
+            "link.link_carry_key": "pgvpn.make_carry_key()"}
 # Planner statistics on the log (the table and every partition): none but on logged_at, or
 # EXPLAIN would show any peer who sends whom how much (pgvpn.hide_statistics)
 PACKET_COLUMNS = ("src_peer", "dst_peer", "seq", "sent_at", "ip_version", "src_addr",
@@ -171,9 +182,12 @@ CATALOG_GRANTS = {
     **{sig: {OWNER: ["EXECUTE"]} for sig in OWNER_LOCKS},
     "pg_notify(text,text)": {"PUBLIC": ["EXECUTE"]},
 }
-# Everything outside schema pgvpn the owner was granted: those locks, and what lock_peer()
-# reads to tell a live holder of a peer's lock (schema.OWNER_STATISTICS)
-OWNER_ELSEWHERE = sorted([*(f"FUNCTION {sig}" for sig in OWNER_LOCKS),
+# pgcrypto's functions the owner's send_batch() boxes carried rows with (schema.OWNER_CRYPTO)
+OWNER_CRYPTO = ["pgvpn_crypto.encrypt_iv(bytea,bytea,bytea,text)",
+                "pgvpn_crypto.gen_random_bytes(integer)", "pgvpn_crypto.hmac(bytea,bytea,text)"]
+# Everything outside schema pgvpn the owner was granted: those locks, what lock_peer()
+# reads to tell a live holder of a peer's lock (schema.OWNER_STATISTICS), those functions
+OWNER_ELSEWHERE = sorted([*(f"FUNCTION {sig}" for sig in OWNER_LOCKS + OWNER_CRYPTO),
                           "FUNCTION pg_lock_status()", "TABLE pg_locks"])
 
 # Statistics: who else is connected and when busy, what it locks, how each table grows. Every
@@ -321,6 +335,15 @@ def catalog(conn: psycopg.Connection[Any]) -> dict[str, Any]:
                      FROM pg_database d WHERE d.datname = current_database()""").fetchone()
     schema = q(f"""SELECT n.nspowner::regrole::text, {_acl("n.nspacl")}
                    FROM pg_namespace n WHERE n.nspname = 'pgvpn'""").fetchone()
+    crypto = q(f"""SELECT {_acl("n.nspacl")}, (
+                       SELECT coalesce(jsonb_object_agg(x.g, x.f), '{{}}'::jsonb) FROM (
+                           SELECT a.key AS g, jsonb_agg(p.oid::regprocedure::text
+                                                        ORDER BY p.oid::regprocedure::text) AS f
+                           FROM pg_proc p,
+                                jsonb_each({proc_acl}) a
+                           WHERE p.pronamespace = n.oid AND a.value ? 'EXECUTE'
+                           GROUP BY a.key) x)
+                   FROM pg_namespace n WHERE n.nspname = 'pgvpn_crypto'""").fetchone()
     creatable = [r[0] for r in q("""
         SELECT n.nspname::text FROM pg_namespace n
         WHERE has_schema_privilege('pgvpn_peer1', n.oid, 'CREATE')""")]
@@ -352,6 +375,7 @@ def catalog(conn: psycopg.Connection[Any]) -> dict[str, Any]:
         "peer_reach": peer_reach,
         "database": database[0] if database else None,
         "schema": list(schema) if schema else None, "creatable": creatable,
+        "crypto": list(crypto) if crypto else None,
         "default_acl": default_acl, "definers_elsewhere": definers_elsewhere,
         "extensions": [r[0] for r in q("SELECT extname::text FROM pg_extension ORDER BY 1")],
         "event_triggers": [r[0] for r in q("SELECT evtname::text FROM pg_event_trigger")],
@@ -373,11 +397,13 @@ EXPECTED: dict[str, Any] = {
     # CONNECT and nothing else for PUBLIC: no TEMPORARY, no CREATE
     "database": {"PUBLIC": ["CONNECT"]},
     "schema": [OWNER, {AGENT: ["USAGE"], READERS: ["USAGE"]}],
+    # pgcrypto's schema: the owner alone may use it, and of its functions only three
+    "crypto": [{OWNER: ["USAGE"]}, {OWNER: OWNER_CRYPTO}],
     "creatable": [],
     # functions the owner makes later are not executable by PUBLIC (global form, trap 13)
     "default_acl": [[OWNER, "-", "f", {}]],
     "definers_elsewhere": [],
-    "extensions": ["plpgsql"],
+    "extensions": ["pgcrypto", "plpgsql"],
     "event_triggers": [],
     "roles": ROLES,
     "memberships": MEMBERSHIPS,
