@@ -22,7 +22,7 @@ MAX_TEXT = 8000
 _TEXT = re.compile(r"([0-9]{1,5}):([0-9]{1,19})(?::([A-Za-z0-9+/=,.]+)|;([A-Za-z0-9+/=]+))?")
 
 
-# a carried row: its payload, still sealed, and its offload header (None: none)
+# a carried row: its payload (still sealed, if its pair seals) and its offload header (None: none)
 Carried = tuple[bytes, bytes | None]
 
 

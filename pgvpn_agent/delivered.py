@@ -25,6 +25,12 @@ class Delivered:
         self._since = 0.0  # monotonic time of the oldest pending delivery
         self._carried: dict[int, int] | None = None
         self._carried_since = 0.0
+        # Monotonic time the sender last started the second (or later) batch in a row whose
+        # packets were already waiting (traffic in full flow). Meanwhile the receiver leaves
+        # what notifications carry and reads the table in pages, as NAPI polls a busy NIC:
+        # replies taken one notification at a time hurried the flow's ACKs and shrank its
+        # batches (receiver.FLOW_WINDOW).
+        self.flow_at = 0.0
 
     def post(self, cursors: Mapping[int, int]) -> None:
         """The receiver wrote these packets (last sequence number per source peer)."""

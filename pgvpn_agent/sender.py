@@ -100,6 +100,7 @@ class Sender(LinkRecovery):
         # NOTIFY inside the batch's transaction, or in one of its own after it (migration 0013)
         self.wake = config.transport.wake
         self.from_idle = True  # the next batch's first packet was waited for
+        self.waited_batches = 0  # batches in a row whose first packet was already waiting
         self._send = self._send_payloads if config.mode == "payload" else self._send_rows
 
     def run(self) -> None:
@@ -379,6 +380,11 @@ class Sender(LinkRecovery):
                 if carried:
                     faults.reached("sender.carrying")
                 faults.reached("sender.in_commit")
+            # two batches in a row whose packets were waiting: in full flow (a stray packet
+            # that came during a commit makes one)
+            self.waited_batches = 0 if self.from_idle else self.waited_batches + 1
+            if self.waited_batches >= 2:
+                self.delivered.flow_at = time.monotonic()
             started = time.perf_counter()
             self.in_flight = {d: (self.tx_seq[d] + 1, next_seq[d]) for d in links}
             if wake and not in_commit:

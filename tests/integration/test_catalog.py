@@ -19,6 +19,7 @@ from typing import Any
 import psycopg
 import pytest
 
+from pgvpn_agent import schema
 from tests.integration.hostile import OPERATOR, READER, Cluster, cluster_fixture
 
 pytestmark = pytest.mark.integration
@@ -459,3 +460,23 @@ def test_the_catalog_patterns_match_what_they_mean(catalogs: dict[str, dict[str,
     assert matched["catalog"] >= 40, matched
     assert matched["statistics views"] >= 40, matched
     assert matched["statistics functions"] >= 100, matched
+
+
+def test_migrate_refuses_a_pgcrypto_installed_elsewhere(cluster: Cluster) -> None:
+    """An operator's pgcrypto in another schema (which peers may use): refused with the commands
+    that move it, nothing migrated; moved as told, the migration runs."""
+    cluster.copy("crypto_elsewhere")
+    try:
+        cluster.admin("CREATE EXTENSION pgcrypto", database="crypto_elsewhere")
+        with pytest.raises(RuntimeError, match=r"pgcrypto is installed in schema 'public'.*"
+                                               r"ALTER EXTENSION pgcrypto SET SCHEMA pgvpn_crypto"):
+            cluster.migrate("crypto_elsewhere")
+        assert cluster.admin("SELECT max(version) FROM pgvpn.schema_version",
+                             database="crypto_elsewhere") == [(10,)]
+        cluster.admin("CREATE SCHEMA pgvpn_crypto; ALTER EXTENSION pgcrypto SET SCHEMA "
+                      "pgvpn_crypto", database="crypto_elsewhere")
+        assert cluster.migrate("crypto_elsewhere")[-1] == schema.LATEST
+        with cluster.connect("crypto_elsewhere") as conn:
+            assert catalog(conn)["crypto"] == EXPECTED["crypto"]
+    finally:
+        cluster.drop("crypto_elsewhere")

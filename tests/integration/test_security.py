@@ -135,6 +135,32 @@ def test_cursors_carried_by_a_batch_are_only_the_senders_own(lab):
             assert seq == before[link], f"peer1 moved the cursor of link {link}"
 
 
+def test_a_carry_key_is_its_receivers_alone(lab):
+    """A link's carry key (schema v15) opens the boxes its small batches ride in: its receiver
+    reads it, nobody else (not the sender either: it could box packets the log never saw, did
+    it learn the channel too), and no peer can change one or run pgcrypto itself."""
+    peer = ids(lab)
+    keys = {tuple(map(int, r.split(">"))) for r in lab.psql(
+        "SELECT src || '>' || dst FROM pgvpn.carry_key").split()}
+    assert keys == {(s, d) for s in peer.values() for d in peer.values() if s != d}
+    for name, me in peer.items():
+        with as_peer(lab, name) as conn:
+            seen = conn.execute("SELECT src, dst, octet_length(key) FROM pgvpn.carry_key "
+                                "ORDER BY src").fetchall()
+            assert seen == [(s, me, 64) for s in sorted(peer.values()) if s != me], name
+            assert conn.execute("SELECT count(*) FROM pgvpn.carry_key WHERE src = %s",
+                                (me,)).fetchone() == (0,), f"{name} reads its outgoing keys"
+            for statement in ("UPDATE pgvpn.carry_key SET key = key",
+                              "DELETE FROM pgvpn.carry_key",
+                              f"INSERT INTO pgvpn.carry_key (src, dst) VALUES ({me}, {me})",
+                              "SELECT pgvpn_crypto.gen_random_bytes(1)",
+                              "SELECT pgvpn.make_carry_key()"):
+                assert refused(conn, statement) in ("42501", "0A000"), (name, statement)
+    lab.psql("CREATE ROLE auditor LOGIN IN ROLE pgvpn_reader")
+    with psycopg.connect(lab.dsn("auditor")) as conn:
+        assert refused(conn, "SELECT key FROM pgvpn.carry_key") == "42501"
+
+
 def test_peer_cannot_change_the_schema(lab):
     with as_peer(lab, "peer1") as conn:
         assert refused(conn, "DROP TABLE pgvpn.packet") == "42501"

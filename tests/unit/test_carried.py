@@ -1,4 +1,5 @@
-"""Notification texts (schema v14): what a receiver takes from them, and when it reads the table."""
+"""Notification texts (schema v14, v15): what a receiver takes from them, and when it reads the
+table."""
 
 from __future__ import annotations
 
