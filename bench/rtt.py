@@ -3,7 +3,7 @@
 The floor is what no design that logs a packet durably before delivering it can beat here: a
 WAL flush (`pg_test_fsync`, the server's `wal_sync_method`), and on the lab's own PostgreSQL one
 direction as the seed did it (INSERT and pg_notify, the listener woken, the row read back by
-id) and as a sealed pair does it (the row rides in the notification: no read). Twice that is a
+id) and as a carried row does (the row rides in the notification: no read). Twice that is a
 round trip's floor, measured back to back. Beside it, pings through the seed's Go program
 (bench/seed_go) and through `pgvpn lab` (agents on TCP, so that their database traffic can be
 captured), idle ones (tunnel.PING_INTERVAL apart) and back-to-back ones (`ping -A`); each idle
@@ -36,8 +36,11 @@ from bench.testbeds import Variant, testbed
 from bench.tunnel import RESULTS, percentile, ping_ms
 from pgvpn_agent.lab import Lab, LabError
 
-# key: sealed payloads (None: the seed's Go program, whose round trip is not cut into stages)
-VARIANTS: dict[str, bool | None] = {"seed-go": None, "logged": False, "logged-sealed": True}
+# key: sealed payloads (None: the seed's Go program, whose round trip is not cut into stages),
+# and unsealed rows boxed in their notification (pgvpn.limits.carry_unsealed, schema v15)
+VARIANTS: dict[str, tuple[bool | None, bool]] = {
+    "seed-go": (None, False), "logged": (False, False), "logged-boxed": (False, True),
+    "logged-sealed": (True, False)}
 FLOOR_ROUNDS = 200
 
 
@@ -169,8 +172,9 @@ def parse(lab: Lab, files: list[Path]) -> tuple[list[Echo], list[Frame]]:
     return echoes, frames
 
 
-def measure(sealed: bool | None, pings: int, workdir: Path) -> dict[str, Any]:
+def measure(variant: tuple[bool | None, bool], pings: int, workdir: Path) -> dict[str, Any]:
     """One fresh lab: the floor, then idle pings, captured and cut into stages (pgvpn)."""
+    sealed, boxed = variant
     pid = os.getpid()
     prefix, port = f"pgvr{pid}-", 58000 + pid % 1000
     if sealed is None:
@@ -183,6 +187,8 @@ def measure(sealed: bool | None, pings: int, workdir: Path) -> dict[str, Any]:
     lab = Lab.create(workdir / "lab", prefix=prefix, port=port, tcp=True, encrypt=sealed)
     try:
         lab.up()
+        if boxed:
+            lab.psql("UPDATE pgvpn.limits SET carry_unsealed = true")
         fsync = fsync_us(lab)
         floor = floor_ms(lab, FLOOR_ROUNDS)
         with capture(lab, workdir) as files:
@@ -192,7 +198,7 @@ def measure(sealed: bool | None, pings: int, workdir: Path) -> dict[str, Any]:
         trips = round_trips(echoes, frames)
     finally:
         lab.down()
-    return {"sealed": sealed, "fsync": fsync, "floor_ms": floor, "ping_ms": rtts,
+    return {"sealed": sealed, "boxed": boxed, "fsync": fsync, "floor_ms": floor, "ping_ms": rtts,
             "ping_warm_ms": warm, "trips": trips}
 
 

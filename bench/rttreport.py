@@ -24,8 +24,9 @@ def _f(v: float | None, spec: str = "{:.2f}") -> str:
     return "-" if v is None else spec.format(v)
 
 
-def _sealed(v: dict[str, Any]) -> bool:
-    return "sealed" in v["key"]
+def _carried(v: dict[str, Any]) -> bool:
+    """Its rows ride in the notification (sealed, or boxed): its floor is the carried one."""
+    return "sealed" in v["key"] or "boxed" in v["key"]
 
 
 def _ratio(a: float | None, b: float | None) -> str:
@@ -83,10 +84,10 @@ def markdown(runs: list[dict[str, Any]]) -> str:
         lambda v: _f(v["floor_logged"]))
     row("floor: round trip carried (2 x INSERT + NOTIFY, wake)",
         lambda v: _f(v["floor_carried"]))
-    row("back-to-back ping / floor (logged: the seed's way; sealed: carried)",
-        lambda v: _ratio(v["warm_p50"], v["floor_carried" if _sealed(v) else "floor_logged"]))
+    row("back-to-back ping / floor (logged: the seed's way; sealed, boxed: carried)",
+        lambda v: _ratio(v["warm_p50"], v["floor_carried" if _carried(v) else "floor_logged"]))
     row("idle ping / floor",
-        lambda v: _ratio(v["ping_p50"], v["floor_carried" if _sealed(v) else "floor_logged"]))
+        lambda v: _ratio(v["ping_p50"], v["floor_carried" if _carried(v) else "floor_logged"]))
     return "\n".join(lines) + "\n"
 
 

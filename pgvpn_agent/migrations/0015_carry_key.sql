@@ -15,6 +15,9 @@
 -- authority as before. The sender never sees the key; other peers neither see it nor the
 -- channel.
 --
+-- The operator turns it on (pgvpn.limits.carry_unsealed): off by default, because one bulk flow
+-- measured 5-10 % slower with it in most side-by-side runs on the development machine.
+--
 -- pgcrypto is installed by `pgvpn db migrate` (schema.py) in schema pgvpn_crypto, which only
 -- the owner may use: no peer can call its functions.
 
@@ -59,8 +62,14 @@ ON CONFLICT (src, dst) DO NOTHING;
 
 COMMENT ON COLUMN pgvpn.limits.carry_bytes IS
     'Largest batch (payload bytes) whose rows also ride in its notification (sealed rows as '
-    'they are, others boxed with the link''s carry key), so that receivers need no fetch; '
-    '0: never. At most 5000 (base64 stays under NOTIFY''s 8000).';
+    'they are, unsealed ones boxed with the link''s carry key if carry_unsealed), so that '
+    'receivers need no fetch; 0: never. At most 5000 (base64 stays under NOTIFY''s 8000).';
+-- Off until an operator turns it on: one bulk flow measured 5-10 % slower with it in most
+-- side-by-side runs here, for a reason not yet found (docs/config.md).
+ALTER TABLE pgvpn.limits ADD COLUMN carry_unsealed boolean NOT NULL DEFAULT false;
+COMMENT ON COLUMN pgvpn.limits.carry_unsealed IS
+    'Whether small batches of unsealed rows ride in their notification, boxed with the '
+    'link''s carry key (schema v15); sealed rows ride whenever carry_bytes allows.';
 
 CREATE OR REPLACE FUNCTION pgvpn.send_batch(
     p_src smallint,
@@ -83,6 +92,7 @@ DECLARE
     max_bytes bigint;
     max_row integer;
     carry integer;
+    box_unsealed boolean;
     size bigint;
     header integer;
     biggest integer;
@@ -118,7 +128,7 @@ BEGIN
     -- plan node to start per call). Per link: the rows inside [first, last] number exactly
     -- last - first + 1, and together they are every row; with the primary key (no duplicate
     -- seq in one statement) that makes each link's rows exactly first..last.
-    SELECT m.batch_rows, m.batch_bytes, m.row_bytes, m.carry_bytes,
+    SELECT m.batch_rows, m.batch_bytes, m.row_bytes, m.carry_bytes, m.carry_unsealed,
            coalesce(p.bytes_per_day, m.peer_bytes_per_day),
            r.size, r.header, r.biggest, r.lying,
            (SELECT coalesce(sum(s.rows), 0) <> n
@@ -129,7 +139,8 @@ BEGIN
                   LEFT JOIN unnest(r_dst, r_seq) AS r (dst, seq)
                          ON r.dst = l.dst AND r.seq BETWEEN l.first AND l.last
                   GROUP BY l.dst, l.first, l.last) AS s)
-    INTO max_rows, max_bytes, max_row, carry, quota, size, header, biggest, lying, bad
+    INTO max_rows, max_bytes, max_row, carry, box_unsealed, quota, size, header, biggest, lying,
+         bad
     FROM pgvpn.limits m, pgvpn.peer p,
          -- the header columns must describe the packet: its family, and its length (the
          -- payload, or the payload sealed: 29 bytes more), so the log's byte counts hold
@@ -208,7 +219,8 @@ BEGIN
         -- A small batch: each link's rows ride along in the notification. Sealed rows as they
         -- are logged (v14: "src:last:row,row,...", each base64 with its offload header after a
         -- '.'); unsealed ones boxed for the receiver with the link's carry key (v15:
-        -- "src:last;box"), or not at all if the link has none or the box would not fit NOTIFY.
+        -- "src:last;box") if the operator turned that on, or not at all if the link has no
+        -- key or the box would not fit NOTIFY.
         -- The rows are those just inserted, in sequence order; the sequence numbers make each
         -- text distinct: none collapses.
         PERFORM pg_notify(x.channel, x.head || coalesce(CASE
@@ -242,7 +254,7 @@ BEGIN
               -- one IV per box: volatile, so this subquery is evaluated once per link
               LEFT JOIN LATERAL (
                   SELECT pgvpn_crypto.gen_random_bytes(16) AS iv
-                  WHERE k.key IS NOT NULL AND NOT c.sealed
+                  WHERE box_unsealed AND k.key IS NOT NULL AND NOT c.sealed
               ) AS i ON true
               OFFSET 0) AS x;
     END IF;

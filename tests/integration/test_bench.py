@@ -169,7 +169,8 @@ def test_rtt_cuts_idle_pings_into_stages_beside_the_floor(tmp_path):
     md, js, png = (sorted(tmp_path.glob(f"rtt-*.{ext}")) for ext in ("md", "json", "png"))
     assert len(md) == len(js) == len(png) == 1, list(tmp_path.iterdir())
     report = json.loads(js[0].read_text())
-    assert [r["key"] for r in report["runs"]] == ["seed-go", "logged", "logged-sealed"]
+    assert [r["key"] for r in report["runs"]] == ["seed-go", "logged", "logged-boxed",
+                                                  "logged-sealed"]
     for run in report["runs"]:
         assert len(run["ping_ms"]) == len(run["ping_warm_ms"]) == 8, run["key"]
         floor = run["floor_ms"]
@@ -184,14 +185,14 @@ def test_rtt_cuts_idle_pings_into_stages_beside_the_floor(tmp_path):
             assert parts == pytest.approx(trip["total"], abs=1e-6)
             assert all(v >= 0 for v in trip.values()), trip
         fetched = [t for t in run["trips"] if t["out.fetch"] > 0]
-        if run["sealed"]:  # a ping rides in its notification
+        if run["sealed"] or run["boxed"]:  # a ping rides in its notification
             assert len(fetched) <= 1, run["trips"]
         else:
             assert len(fetched) == len(run["trips"])
     table = md[0].read_text()
     assert "| floor: a WAL flush (pg_test_fsync, one 8 kB write), ms |" in table
     assert "| back-to-back ping p50 / p99 ms (`ping -A`) |" in table
-    assert "| back-to-back ping / floor (logged: the seed's way; sealed: carried) |" in table
+    assert "| back-to-back ping / floor (logged: the seed's way; sealed, boxed: carried) |" in table
     assert png[0].read_bytes().startswith(b"\x89PNG\r\n\x1a\n")
 
 

@@ -108,8 +108,29 @@ def carry_key(lab: Lab, src: LabPeer, dst: LabPeer) -> bytes:
         f"AND d.name = '{dst.name}'"))
 
 
+def boxing(lab: Lab) -> None:
+    """The operator lets small unsealed batches ride, boxed (off by default)."""
+    lab.psql("UPDATE pgvpn.limits SET carry_unsealed = true")
+
+
+def test_unsealed_packets_ride_only_once_the_operator_lets_them(make_lab):
+    lab = make_lab(peers=2)
+    b = lab.peers[1]
+    fetches = counter(lab, b, "pgvpn_fetch_duration_seconds_count")
+    exchange(lab, 1, 20)
+    assert counter(lab, b, "pgvpn_carried_packets_total") == 0
+    assert counter(lab, b, "pgvpn_fetch_duration_seconds_count") - fetches >= 20
+    channel = lab.psql(f"SELECT channel FROM pgvpn.peer WHERE name = '{b.name}'")
+    with psycopg.connect(lab.dsn(), autocommit=True) as spy:
+        spy.execute(f'LISTEN "{channel}"')
+        exchange(lab, 21, 25)
+        texts = [n.payload for n in spy.notifies(timeout=1.0)]
+    assert texts and all(t.count(":") == 1 and ";" not in t for t in texts), texts
+
+
 def test_small_unsealed_packets_ride_boxed_both_ways_and_a_listener_reads_none(make_lab):
     lab = make_lab(peers=2)
+    boxing(lab)
     a, b = lab.peers
     fetches = [counter(lab, p, "pgvpn_fetch_duration_seconds_count") for p in (b, a)]
     exchange(lab, 1, 150)
@@ -159,6 +180,7 @@ def test_a_carry_key_made_anew_is_read_again_and_nothing_is_lost(make_lab):
     """The operator replaces a link's key: the first box under it does not open (the table is
     read instead), the receiver reads its keys again, and the next boxes open."""
     lab = make_lab(peers=2)
+    boxing(lab)
     b = lab.peers[1]
     exchange(lab, 1, 10)
     lab.psql("UPDATE pgvpn.carry_key SET key = pgvpn_crypto.gen_random_bytes(64)")
@@ -208,6 +230,7 @@ def test_a_box_someone_else_forged_delivers_nothing_and_moves_nothing(make_lab):
     other link's box off as this link's, or send bytes of its own: none opens, none moves the
     cursor, and the packets that follow arrive in order."""
     lab = make_lab(peers=2)
+    boxing(lab)
     a, b = lab.peers
     channels = {p.name: lab.psql(f"SELECT channel FROM pgvpn.peer WHERE name = '{p.name}'")
                 for p in (a, b)}
