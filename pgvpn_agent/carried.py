@@ -109,7 +109,7 @@ def pending(notes: list[str], cursor: dict[int, int],
             return None
         else:
             opened = unbox(note)
-            if opened is None:
+            if opened is None or len(opened) > note.last:
                 return None
             carried = opened
         first = note.last - len(carried) + 1

@@ -94,6 +94,7 @@ class Receiver:
         # Unsealed pairs: each incoming link's carry key (carrybox.py), read at connect and
         # again, at most once a poll interval, after a box did not open (a key made anew).
         self.carry_keys: dict[int, bytes] = {}
+        self.timeline = 0  # the server's, with the keys: a box names the one it was made on
         self.keys_read_at = 0.0
         self.fetched_all_at = 0.0  # time.monotonic() of the last fetch of every link
 
@@ -272,7 +273,7 @@ class Receiver:
         assert note.box is not None
         key = self.carry_keys.get(note.src)
         rows = None if key is None else carrybox.open_box(key, note.src, note.last, self.me,
-                                                           note.box)
+                                                           self.timeline, note.box)
         if rows is None:
             metrics.CARRIED_REFUSED.inc()
             if (self.conn is not None and time.monotonic() - self.keys_read_at
@@ -281,11 +282,14 @@ class Receiver:
         return rows
 
     def _read_keys(self, conn: db.Conn) -> None:
-        """The carry keys of this peer's incoming links (row-level security: its own only)."""
+        """The carry keys of this peer's incoming links (row-level security: its own only), and
+        the server's timeline (a failover moves it; the receiver reconnects then)."""
         self.keys_read_at = time.monotonic()
         if self.sealer is None and self.config.mode == "logged":
             self.carry_keys = {int(s): bytes(k) for s, k in conn.execute(
                 "SELECT src, key FROM pgvpn.carry_key WHERE dst = %s", (self.me,)).fetchall()}
+            row = conn.execute("SELECT pgvpn.timeline()").fetchone()
+            self.timeline = int(row[0]) if row else 0
 
     def _deliver(self, rows: list[Row], started: float, opened: bool = False) -> None:
         """Write a page of rows (grouped by link, in sequence order) to the TUN, then move the

@@ -224,8 +224,9 @@ def _harden(conn: psycopg.Connection[Any], owner: str) -> None:
                                              WHERE inhparent = to_regclass('pgvpn.packet')))""")
 
 
-def _crypto(conn: psycopg.Connection[Any], owner: str) -> None:
-    """pgcrypto in CRYPTO_SCHEMA, usable by the owner alone (a peer reaches no function of it)."""
+def _crypto(conn: psycopg.Connection[Any], role: str) -> None:
+    """pgcrypto in CRYPTO_SCHEMA, a superuser's, usable by `role` (the schema owner) alone: a
+    peer reaches no function of it."""
     row = conn.execute("SELECT n.nspname FROM pg_catalog.pg_extension e JOIN "
                        "pg_catalog.pg_namespace n ON n.oid = e.extnamespace "
                        "WHERE e.extname = 'pgcrypto'").fetchone()
@@ -244,12 +245,22 @@ def _crypto(conn: psycopg.Connection[Any], owner: str) -> None:
                                "contrib modules (Debian: part of postgresql-15)")
         conn.execute(sql.SQL("CREATE SCHEMA IF NOT EXISTS {}").format(schema))
         conn.execute(sql.SQL("CREATE EXTENSION pgcrypto WITH SCHEMA {}").format(schema))
+    # Whoever owns the schema or the extension could put functions of their own under these
+    # names, which send_batch() would run as the owner: a superuser's, or refused.
+    owner = conn.execute("SELECT r.rolname, r.rolsuper FROM pg_catalog.pg_extension e "
+                         "JOIN pg_catalog.pg_roles r ON r.oid = e.extowner "
+                         "WHERE e.extname = 'pgcrypto'").fetchone()
+    if owner and not owner[1]:
+        raise RuntimeError(
+            f"pgcrypto in this database belongs to {owner[0]!r}, not a superuser: drop it "
+            "(`DROP EXTENSION pgcrypto`) and run `pgvpn db migrate` again, which installs its own")
+    conn.execute(sql.SQL("ALTER SCHEMA {} OWNER TO CURRENT_USER").format(schema))
     conn.execute(sql.SQL("REVOKE ALL ON SCHEMA {} FROM PUBLIC").format(schema))
     conn.execute(sql.SQL("REVOKE ALL ON ALL FUNCTIONS IN SCHEMA {} FROM PUBLIC").format(schema))
-    conn.execute(sql.SQL("GRANT USAGE ON SCHEMA {} TO {}").format(schema, sql.Identifier(owner)))
+    conn.execute(sql.SQL("GRANT USAGE ON SCHEMA {} TO {}").format(schema, sql.Identifier(role)))
     for function in OWNER_CRYPTO:
         conn.execute(sql.SQL("GRANT EXECUTE ON FUNCTION {}.{} TO {}").format(
-            schema, sql.SQL(function), sql.Identifier(owner)))
+            schema, sql.SQL(function), sql.Identifier(role)))
 
 
 def check_version(conn: psycopg.Connection[Any]) -> None:

@@ -7,13 +7,13 @@
 -- key (pgvpn.carry_key, 64 random bytes made with the link) that only its receiver may read;
 -- a small batch's unsealed rows ride as "src:last;box": a random IV and the rows' frames under
 -- AES-256-CBC with the key's first half, then HMAC-SHA-256 under its second half over
--- "src:last:dst:", IV and ciphertext (encrypt-then-MAC, pgcrypto). The database builds the
--- box from the rows it is inserting in the same transaction and sends it once the commit is
--- done: what a receiver delivers from it is what the log holds, logged before it is
--- delivered. A text that does not verify under the receiver's key for that link and position
--- (forged, replayed on another link, a key rotated since) sends the receiver to the table, the
--- authority as before. The sender never sees the key; other peers neither see it nor the
--- channel.
+-- "src:last:dst:timeline:", IV and ciphertext (encrypt-then-MAC, pgcrypto). The database
+-- builds the box from the rows it is inserting in the same transaction and sends it once the
+-- commit is done: what a receiver delivers from it is what the log holds, logged before it is
+-- delivered. A text that does not verify under the receiver's key for that link, position and
+-- server timeline (forged, replayed on another link or after a failover that lost rows, a key
+-- made anew) sends the receiver to the table, the authority as before. The sender never sees
+-- the key; other peers neither see it nor the channel.
 --
 -- The operator turns it on (pgvpn.limits.carry_unsealed): off by default, because one bulk flow
 -- measured 5-10 % slower with it in most side-by-side runs on the development machine.
@@ -227,10 +227,15 @@ BEGIN
                    WHEN x.sealed THEN ':' || x.rows
                    WHEN octet_length(x.box) <= 5900 THEN
                        ';' || translate(encode(x.box || pgvpn_crypto.hmac(
-                                  convert_to(x.head || ':' || x.dst || ':', 'UTF8') || x.box,
+                                  convert_to(x.head || ':' || x.dst || ':' || x.timeline || ':',
+                                             'UTF8') || x.box,
                                   substr(x.key, 33, 32), 'sha256'), 'base64'), E'\n', '')
                END, ''))
         FROM (SELECT p.channel, p_src || ':' || v.last AS head, v.dst, k.key, c.sealed, c.rows,
+                     -- the server's timeline (pgvpn.timeline()): a box recorded before a
+                     -- failover that lost its rows does not verify after it
+                     ('x' || substr(pg_walfile_name(pg_current_wal_lsn()), 1, 8))::bit(32)::integer
+                         AS timeline,
                      i.iv || pgvpn_crypto.encrypt_iv(c.frames, substr(k.key, 1, 32), i.iv,
                                                      'aes-cbc/pad:pkcs') AS box
               FROM unnest(l_dst, l_last) AS v (dst, last)
@@ -241,12 +246,12 @@ BEGIN
                          string_agg(translate(encode(r.payload, 'base64')
                                               || coalesce('.' || encode(r.offload, 'base64'), ''),
                                               E'\n', ''), ',' ORDER BY r.seq) AS rows,
-                         -- a frame: payload length, offload header length (0: none), both
-                         -- two bytes big-endian, then the payload and the header
+                         -- a frame: payload length, then offload header length plus one (0:
+                         -- none), both two bytes big-endian, then the payload and the header
                          string_agg(int2send(octet_length(r.payload)::smallint)
-                                    || int2send(coalesce(octet_length(r.offload), 0)::smallint)
+                                    || int2send(coalesce(octet_length(r.offload) + 1, 0)::smallint)
                                     || r.payload || coalesce(r.offload, '\x'::bytea), '\x'::bytea
-                                    ORDER BY r.seq) AS frames
+                                    ORDER BY r.seq) FILTER (WHERE box_unsealed) AS frames
                   FROM unnest(r_dst, r_seq, r_length, r_payload, r_offload)
                        AS r (dst, seq, length, payload, offload)
                   WHERE r.dst = v.dst

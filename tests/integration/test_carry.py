@@ -60,8 +60,10 @@ def test_small_sealed_packets_ride_in_the_notification_both_ways_in_order(make_l
     for i, peer in enumerate((b, a)):
         now = counter(lab, peer, "pgvpn_carried_packets_total") - carried[i]
         read = counter(lab, peer, "pgvpn_fetch_duration_seconds_count") - fetches[i]
-        # (150 datagrams, the other stream's ACK-less replies: UDP; polls still fetch)
-        assert now >= 150, f"{peer.name}: only {now} packets came with their notification"
+        # (150 datagrams, the other stream's ACK-less replies: UDP; polls still fetch). A few
+        # may come from the table instead on a loaded machine: a batch that found its packet
+        # waiting, a wake-up handled after the next fetch; the table is the authority.
+        assert now >= 145, f"{peer.name}: only {now} packets came with their notification"
         assert read < 50, f"{peer.name}: {read} fetches for 150 carried datagrams"
     # every one of them logged, and each receiver's committed cursor at its link's end
     for src, dst, port in ((a, b, PORT), (b, a, BACK)):
@@ -137,7 +139,7 @@ def test_small_unsealed_packets_ride_boxed_both_ways_and_a_listener_reads_none(m
     for i, peer in enumerate((b, a)):
         now = counter(lab, peer, "pgvpn_carried_packets_total")
         read = counter(lab, peer, "pgvpn_fetch_duration_seconds_count") - fetches[i]
-        assert now >= 150, f"{peer.name}: only {now} packets came with their notification"
+        assert now >= 145, f"{peer.name}: only {now} packets came with their notification"
         assert read < 50, f"{peer.name}: {read} fetches for 150 carried datagrams"
         assert counter(lab, peer, "pgvpn_carried_refused_total") == 0
     for src, dst, port in ((a, b, PORT), (b, a, BACK)):
@@ -150,6 +152,7 @@ def test_small_unsealed_packets_ride_boxed_both_ways_and_a_listener_reads_none(m
     key = carry_key(lab, a, b)
     _, _, src = link(lab, a, b)
     dst = int(lab.psql(f"SELECT id FROM pgvpn.peer WHERE name = '{b.name}'"))
+    timeline = int(lab.psql("SELECT pgvpn.timeline()"))
     errors: list[BaseException] = []
     with psycopg.connect(lab.dsn(), autocommit=True) as spy:
         spy.execute(f'LISTEN "{channel}"')
@@ -164,7 +167,7 @@ def test_small_unsealed_packets_ride_boxed_both_ways_and_a_listener_reads_none(m
     assert len(notes) >= 5 and all(n is not None and n.box for n in notes), texts
     for note in notes:
         assert note is not None and note.box is not None
-        rows = carrybox.open_box(key, note.src, note.last, dst, note.box)
+        rows = carrybox.open_box(key, note.src, note.last, dst, timeline, note.box)
         assert rows is not None, f"the database's box does not open: {note}"
         logged = lab.psql(
             f"SELECT encode(payload, 'hex') FROM pgvpn.packet WHERE src_peer = {src} "
@@ -172,8 +175,10 @@ def test_small_unsealed_packets_ride_boxed_both_ways_and_a_listener_reads_none(m
             "ORDER BY seq").split()
         assert [p.hex() for p, _ in rows] == logged
         assert all(p not in note.box for p, _ in rows), "a packet in the clear"
-        assert carrybox.open_box(carry_key(lab, b, a), note.src, note.last, dst,
+        assert carrybox.open_box(carry_key(lab, b, a), note.src, note.last, dst, timeline,
                                  note.box) is None, "the other link's key opened it"
+        assert carrybox.open_box(key, note.src, note.last, dst, timeline + 1,
+                                 note.box) is None, "it opened on another timeline"
 
 
 def test_a_carry_key_made_anew_is_read_again_and_nothing_is_lost(make_lab):

@@ -336,7 +336,10 @@ def catalog(conn: psycopg.Connection[Any]) -> dict[str, Any]:
                      FROM pg_database d WHERE d.datname = current_database()""").fetchone()
     schema = q(f"""SELECT n.nspowner::regrole::text, {_acl("n.nspacl")}
                    FROM pg_namespace n WHERE n.nspname = 'pgvpn'""").fetchone()
-    crypto = q(f"""SELECT {_acl("n.nspacl")}, (
+    crypto = q(f"""SELECT n.nspowner::regrole::text,
+                          (SELECT e.extowner::regrole::text FROM pg_extension e
+                           WHERE e.extname = 'pgcrypto' AND e.extnamespace = n.oid),
+                          {_acl("n.nspacl")}, (
                        SELECT coalesce(jsonb_object_agg(x.g, x.f), '{{}}'::jsonb) FROM (
                            SELECT a.key AS g, jsonb_agg(p.oid::regprocedure::text
                                                         ORDER BY p.oid::regprocedure::text) AS f
@@ -398,8 +401,10 @@ EXPECTED: dict[str, Any] = {
     # CONNECT and nothing else for PUBLIC: no TEMPORARY, no CREATE
     "database": {"PUBLIC": ["CONNECT"]},
     "schema": [OWNER, {AGENT: ["USAGE"], READERS: ["USAGE"]}],
-    # pgcrypto's schema: the owner alone may use it, and of its functions only three
-    "crypto": [{OWNER: ["USAGE"]}, {OWNER: OWNER_CRYPTO}],
+    # pgcrypto's schema and the extension: a superuser's (whoever owned them could put
+    # functions of their own under these names); the owner alone may use it, and of its
+    # functions only three
+    "crypto": ["postgres", "postgres", {OWNER: ["USAGE"]}, {OWNER: OWNER_CRYPTO}],
     "creatable": [],
     # functions the owner makes later are not executable by PUBLIC (global form, trap 13)
     "default_acl": [[OWNER, "-", "f", {}]],
@@ -480,3 +485,25 @@ def test_migrate_refuses_a_pgcrypto_installed_elsewhere(cluster: Cluster) -> Non
             assert catalog(conn)["crypto"] == EXPECTED["crypto"]
     finally:
         cluster.drop("crypto_elsewhere")
+
+
+def test_migrate_refuses_a_pgcrypto_another_role_owns(cluster: Cluster) -> None:
+    """pgcrypto is a trusted extension: a role with CREATE on the database may install it and
+    own it, and could then put functions of its own under its names for send_batch() to run
+    as the owner. Refused, nothing migrated."""
+    cluster.copy("crypto_owned")
+    try:
+        cluster.admin("DROP ROLE IF EXISTS crypto_squatter; CREATE ROLE crypto_squatter LOGIN")
+        cluster.admin("GRANT CREATE ON DATABASE crypto_owned TO crypto_squatter; "
+                      "CREATE SCHEMA pgvpn_crypto AUTHORIZATION crypto_squatter",
+                      database="crypto_owned")
+        with cluster.connect("crypto_owned", "crypto_squatter") as conn:
+            conn.execute("CREATE EXTENSION pgcrypto WITH SCHEMA pgvpn_crypto")
+        with pytest.raises(RuntimeError, match=r"pgcrypto in this database belongs to "
+                                               r"'crypto_squatter', not a superuser"):
+            cluster.migrate("crypto_owned")
+        assert cluster.admin("SELECT max(version) FROM pgvpn.schema_version",
+                             database="crypto_owned") == [(10,)]
+    finally:
+        cluster.drop("crypto_owned")
+        cluster.admin("DROP ROLE IF EXISTS crypto_squatter")
