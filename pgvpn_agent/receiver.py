@@ -245,9 +245,11 @@ class Receiver:
         cannot open, moves no cursor; the fetch that follows reads the log instead.
         """
         notes, self.notes = self.notes, []
-        if not notes or time.monotonic() - self.delivered.flow_at < FLOW_WINDOW:
-            return False
         sealer = self.sealer
+        # (an unsealed pair's wake-ups without a box are parsed once, by carried.links())
+        if (not notes or time.monotonic() - self.delivered.flow_at < FLOW_WINDOW
+                or (sealer is None and not any(";" in n for n in notes))):
+            return False
         found = carried.pending(notes, self.cursor, None if sealer is not None else self._unbox)
         if found is None:
             return False

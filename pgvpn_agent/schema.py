@@ -227,15 +227,12 @@ def _harden(conn: psycopg.Connection[Any], owner: str) -> None:
 def _crypto(conn: psycopg.Connection[Any], role: str) -> None:
     """pgcrypto in CRYPTO_SCHEMA, a superuser's, usable by `role` (the schema owner) alone: a
     peer reaches no function of it."""
-    row = conn.execute("SELECT n.nspname FROM pg_catalog.pg_extension e JOIN "
-                       "pg_catalog.pg_namespace n ON n.oid = e.extnamespace "
+    # Whoever owns the schema or the extension could put functions of their own under these
+    # names, which send_batch() would run as the owner: a superuser's, or refused.
+    row = conn.execute("SELECT n.nspname, r.rolname, r.rolsuper FROM pg_catalog.pg_extension e "
+                       "JOIN pg_catalog.pg_namespace n ON n.oid = e.extnamespace "
+                       "JOIN pg_catalog.pg_roles r ON r.oid = e.extowner "
                        "WHERE e.extname = 'pgcrypto'").fetchone()
-    if row and row[0] != CRYPTO_SCHEMA:
-        raise RuntimeError(
-            f"pgcrypto is installed in schema {row[0]!r} of this database; pgvpn needs it in "
-            f"{CRYPTO_SCHEMA!r}, which only its owner may use (`ALTER EXTENSION pgcrypto SET "
-            f"SCHEMA {CRYPTO_SCHEMA}` after `CREATE SCHEMA {CRYPTO_SCHEMA}`, if nothing else "
-            "uses it there)")
     schema = sql.Identifier(CRYPTO_SCHEMA)
     if row is None:
         available = conn.execute("SELECT 1 FROM pg_catalog.pg_available_extensions "
@@ -245,14 +242,15 @@ def _crypto(conn: psycopg.Connection[Any], role: str) -> None:
                                "contrib modules (Debian: part of postgresql-15)")
         conn.execute(sql.SQL("CREATE SCHEMA IF NOT EXISTS {}").format(schema))
         conn.execute(sql.SQL("CREATE EXTENSION pgcrypto WITH SCHEMA {}").format(schema))
-    # Whoever owns the schema or the extension could put functions of their own under these
-    # names, which send_batch() would run as the owner: a superuser's, or refused.
-    owner = conn.execute("SELECT r.rolname, r.rolsuper FROM pg_catalog.pg_extension e "
-                         "JOIN pg_catalog.pg_roles r ON r.oid = e.extowner "
-                         "WHERE e.extname = 'pgcrypto'").fetchone()
-    if owner and not owner[1]:
+    elif row[0] != CRYPTO_SCHEMA:
         raise RuntimeError(
-            f"pgcrypto in this database belongs to {owner[0]!r}, not a superuser: drop it "
+            f"pgcrypto is installed in schema {row[0]!r} of this database; pgvpn needs it in "
+            f"{CRYPTO_SCHEMA!r}, which only its owner may use (`ALTER EXTENSION pgcrypto SET "
+            f"SCHEMA {CRYPTO_SCHEMA}` after `CREATE SCHEMA {CRYPTO_SCHEMA}`, if nothing else "
+            "uses it there)")
+    elif not row[2]:
+        raise RuntimeError(
+            f"pgcrypto in this database belongs to {row[1]!r}, not a superuser: drop it "
             "(`DROP EXTENSION pgcrypto`) and run `pgvpn db migrate` again, which installs its own")
     conn.execute(sql.SQL("ALTER SCHEMA {} OWNER TO CURRENT_USER").format(schema))
     conn.execute(sql.SQL("REVOKE ALL ON SCHEMA {} FROM PUBLIC").format(schema))

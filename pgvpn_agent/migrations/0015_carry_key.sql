@@ -232,10 +232,9 @@ BEGIN
                                   substr(x.key, 33, 32), 'sha256'), 'base64'), E'\n', '')
                END, ''))
         FROM (SELECT p.channel, p_src || ':' || v.last AS head, v.dst, k.key, c.sealed, c.rows,
-                     -- the server's timeline (pgvpn.timeline()): a box recorded before a
-                     -- failover that lost its rows does not verify after it
-                     ('x' || substr(pg_walfile_name(pg_current_wal_lsn()), 1, 8))::bit(32)::integer
-                         AS timeline,
+                     -- the server's timeline: a box recorded before a failover that lost
+                     -- its rows does not verify after it
+                     CASE WHEN box_unsealed THEN pgvpn.timeline() END AS timeline,
                      i.iv || pgvpn_crypto.encrypt_iv(c.frames, substr(k.key, 1, 32), i.iv,
                                                      'aes-cbc/pad:pkcs') AS box
               FROM unnest(l_dst, l_last) AS v (dst, last)
