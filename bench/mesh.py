@@ -33,7 +33,7 @@ from bench import meshreport, pagecache, report
 from bench.probe import Probe, Usage
 from bench.testbeds import Variant, testbed
 from bench.tunnel import RESULTS, VARIANTS, Progress
-from pgvpn_agent import labtraffic
+from pgvpn_agent import labmemory, labtraffic
 from pgvpn_agent.config import WAKES, Transport
 from pgvpn_agent.lab import Lab, LabError, LabPeer
 from pgvpn_agent.labstandby import Standby
@@ -199,10 +199,14 @@ def _port(peers: int) -> int:
 
 
 @contextmanager
-def lab_of(peers: int, tag: str, standby: bool = False, **options: Any) -> Iterator[Lab]:
+def lab_of(peers: int, tag: str, standby: bool = False, db_memory: int | None = None,
+           **options: Any) -> Iterator[Lab]:
     """A lab of `peers`; `options` go to Lab.create (encrypt, join_bursts, db_clock). With
-    `standby`, every commit waits for a synchronous standby's flush as well."""
-    lab = Lab.create(_workdir(), peers=peers, prefix=_prefix(tag), port=_port(peers), **options)
+    `standby`, every commit waits for a synchronous standby's flush as well. The cluster
+    runs in `db_memory` MB (None: labmemory's size for `peers`; 0: unconfined)."""
+    lab = Lab.create(_workdir(), peers=peers, prefix=_prefix(tag), port=_port(peers),
+                     db_memory_mb=labmemory.size_mb(peers) if db_memory is None else db_memory,
+                     **options)
     try:
         lab.up()
         if standby:
@@ -226,6 +230,21 @@ def run(peers: int, reps: int, seconds: float, idle_s: float, phases: tuple[Phas
     finally:
         progress.close()
     return samples
+
+
+def add_db_memory(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--db-memory", type=int, metavar="MB",
+                   help="the labs' PostgreSQL in a memory cgroup of MB (default "
+                        f"{labmemory.CACHE_MB} + {labmemory.PEER_MB} per peer: a server whose "
+                        "memory is full of cache, pgvpn_agent/labmemory.py; 0: unconfined, "
+                        "on a machine that hands free memory to its host the log then "
+                        "measures that)")
+
+
+def db_memory_mb(option: int | None, peers: int) -> dict[str, int]:
+    """What the report says of the labs' limits: per lab size, in MB (0: none)."""
+    sizes = {2, peers}
+    return {str(n): labmemory.size_mb(n) if option is None else option for n in sorted(sizes)}
 
 
 def write(samples: list[Sample], out: Path, meta: dict[str, Any]) -> list[Path]:
@@ -259,6 +278,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--standby", action="store_true",
                    help="every lab with a synchronous streaming standby: each commit waits "
                         "for its flush as well, the notification lock held through it")
+    add_db_memory(p)
     args = p.parse_args(argv)
     unknown = set(args.only or ()) - {ph.key for ph in PHASES}
     if unknown or args.peers < 4:
@@ -271,11 +291,13 @@ def main(argv: list[str] | None = None) -> int:
             "congestion": labtraffic.congestion_control(args.congestion),
             "wake": args.wake or Transport.wake, "sealed": args.sealed,
             "join_bursts": not args.no_join, "standby": args.standby,
-            "free_page_reporting": pagecache.machine()["free_page_reporting"]}
+            "free_page_reporting": pagecache.machine()["free_page_reporting"],
+            "db_memory_mb": db_memory_mb(args.db_memory, args.peers)}
     try:
         samples = run(args.peers, args.reps, args.seconds, args.idle, phases,
                       args.congestion, {"encrypt": args.sealed, "join_bursts": not args.no_join,
                                         "standby": args.standby,
+                                        "db_memory": args.db_memory,
                                         **({"transport": {"wake": args.wake}} if args.wake
                                            else {})})
     except LabError as exc:

@@ -31,7 +31,7 @@ from typing import Any
 import psycopg
 
 from bench import meshlongreport
-from bench.mesh import PHASES, SETTLE, PairRun, lab_of, run_pairs
+from bench.mesh import PHASES, SETTLE, PairRun, add_db_memory, db_memory_mb, lab_of, run_pairs
 from bench.probe import Probe, Usage
 from bench.tunnel import RESULTS
 from pgvpn_agent.lab import CLOCK_CACHE, Lab, LabError
@@ -266,6 +266,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--standby", action="store_true",
                    help="with a synchronous streaming standby")
     p.add_argument("--out", type=Path, default=RESULTS, help=f"output dir (default {RESULTS})")
+    add_db_memory(p)
     args = p.parse_args(argv)
     if args.peers < 2 or args.peers % 2:
         p.error("--peers: an even number, at least 2")
@@ -273,11 +274,12 @@ def main(argv: list[str] | None = None) -> int:
         p.error("--checkpoint-at and --rollover-at are fractions of the run, between 0 and 1")
     meta = {"started": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
             "loadavg_before": os.getloadavg()[0], "standby": args.standby,
-            "congestion": congestion_control(args.congestion), "segment": args.segment}
+            "congestion": congestion_control(args.congestion), "segment": args.segment,
+            "db_memory_mb": db_memory_mb(args.db_memory, args.peers)[str(args.peers)]}
     try:
         wait = (up_estimate(args.peers) + args.reference + (SETTLE if args.reference else 0)
                 + LEAD + args.rollover_at * args.seconds)
-        with lab_of(args.peers, "l", standby=args.standby,
+        with lab_of(args.peers, "l", standby=args.standby, db_memory=args.db_memory,
                     db_clock=clock_offset(time.time(), wait)) as lab:
             result = run(lab, args.seconds, args.segment, args.checkpoint_at, args.rollover_at,
                          args.index_after, args.congestion, args.reference)

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from bench import report
-from bench.meshreport import slowest_share
+from bench.meshreport import db_memory, slowest_share
 
 if TYPE_CHECKING:
     from bench.meshlong import LongRun
@@ -101,7 +101,8 @@ def markdown(run: LongRun) -> str:
             f"{len(run.pairs)} pairs at once, started {meta.get('started', '?')}, load average "
             f"{meta.get('loadavg_before', 0):.1f} before, {meta.get('loadavg_after', 0):.1f} "
             f"after; {standby(meta)}; TCP "
-            f"congestion control {meta.get('congestion', 'default')}.")
+            f"congestion control {meta.get('congestion', 'default')}; "
+            f"{db_memory(meta.get('db_memory_mb'))}.")
     steady = sorted(series)
     mean = statistics.fmean(series) if series else None
     summary = [

@@ -241,13 +241,32 @@ def idle_table(samples: list[Sample]) -> str:
     return "\n".join(lines)
 
 
-def _memory_note(reporting: str | None) -> str:
-    """Long windows on a machine that hands free memory back to its host measure that too."""
+def db_memory(limit_mb: int | dict[str, int] | None) -> str:
+    """How much memory the labs' PostgreSQL had (labmemory): part of every figure."""
+    if isinstance(limit_mb, dict):
+        sizes = {f"{mb} MB" if mb else "unconfined": n for n, mb in limit_mb.items()}
+        return ("PostgreSQL in a memory cgroup of " + " / ".join(
+            f"{size} ({n}-peer labs)" for size, n in sizes.items())
+            if any(limit_mb.values()) else "PostgreSQL unconfined")
+    return f"PostgreSQL in a memory cgroup of {limit_mb} MB" if limit_mb else (
+        "PostgreSQL unconfined" if limit_mb == 0 else "PostgreSQL's memory not recorded")
+
+
+def _memory_note(reporting: str | None, limit_mb: dict[str, int] | None) -> str:
+    """Long windows on a machine that hands free memory back to its host measure that too,
+    unless the cluster's memory is bounded."""
+    confined = bool(limit_mb and any(limit_mb.values()))
     if not reporting or not reporting.startswith("on"):
-        return ""
+        return f" {db_memory(limit_mb)}." if limit_mb is not None else ""
+    if confined:
+        return (f" {db_memory(limit_mb)}: this machine reports free pages to its host "
+                f"({reporting}), and the limit keeps the log's new pages in memory the kernel "
+                "reclaims from the cluster's cache, as on a server that has run a while "
+                "(pgvpn_agent/labmemory.py).")
     return (f" This machine reports free pages to its host ({reporting}): past the memory it "
             "touched recently, every new page of the log's file cache faults on the host "
-            "(`pgvpn bench pagecache`), and a window that outlasts that memory measures it.")
+            "(`pgvpn bench pagecache`), and a window that outlasts that memory measures it"
+            f"{' (PostgreSQL unconfined)' if limit_mb is not None else ''}.")
 
 
 def markdown(samples: list[Sample], meta: dict[str, Any]) -> str:
@@ -260,7 +279,7 @@ def markdown(samples: list[Sample], meta: dict[str, Any]) -> str:
              f"{', sealed payloads' if meta.get('sealed') else ''}"
              f"{', TCP bursts not joined' if meta.get('join_bursts') is False else ''}"
              f"{', a synchronous standby' if meta.get('standby') else ', one server'}."
-             f"{_memory_note(meta.get('free_page_reporting'))}",
+             f"{_memory_note(meta.get('free_page_reporting'), meta.get('db_memory_mb'))}",
              throughput_table(samples, peers), targets_table(samples),
              "CPU in cores (CPU-seconds per second), rates per second of the window:",
              cost_table(samples, peers),

@@ -167,6 +167,9 @@ def _parser() -> argparse.ArgumentParser:
     up.add_argument("--encrypt", action="store_true", help="seal payloads at rest (keys per pair)")
     up.add_argument("--no-offload", dest="offload", action="store_false",
                     help="no TUN offload: one row per wire-sized packet")
+    up.add_argument("--db-memory", type=int, default=0, metavar="MB",
+                    help="PostgreSQL in a memory cgroup of MB, as a server whose memory is full "
+                         "of cache (pgvpn_agent/labmemory.py; default 0: unconfined)")
     up.add_argument("--dir", type=Path, default=None, help="work dir (default /run/pgvpn-lab)")
     up.set_defaults(func=_lab_up)
     st = labs.add_parser("status", help="describe the running lab")
@@ -408,7 +411,8 @@ def _lab_up(args: argparse.Namespace) -> int:
     from pgvpn_agent.lab import Lab
 
     lab = Lab.create(_lab_dir(args), peers=args.peers, mode=args.mode, batch_max=args.batch_max,
-                     mtu=args.mtu, encrypt=args.encrypt, offload=args.offload)
+                     mtu=args.mtu, encrypt=args.encrypt, offload=args.offload,
+                     db_memory_mb=args.db_memory)
     lab.up()
     for peer in lab.peers:
         print(f"{peer.name}: ip netns exec {peer.netns} ping {peer.ipv4}  |  {peer.ipv6}")

@@ -19,7 +19,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from pgvpn_agent import labconfig, labsize, labtraffic
+from pgvpn_agent import labconfig, labmemory, labsize, labtraffic
 from pgvpn_agent.labconfig import METRICS_PORT
 from pgvpn_agent.labhost import (
     MGMT_IF,
@@ -126,6 +126,9 @@ class Lab:
     # `db_clock_file` (set_db_clock): a bench takes the database across midnight without
     # touching the host's clock. None: the host's clock.
     db_clock: float | None = None
+    # The cluster (and a standby) in a memory cgroup of this many MB (labmemory: a server's
+    # steady state on a machine that hands free memory back to its host); 0: unconfined.
+    db_memory_mb: int = 0
 
     @property
     def pgdir(self) -> Path:
@@ -150,6 +153,11 @@ class Lab:
         return self.pgdir / "standby"
 
     @property
+    def db_cgroup(self) -> Path:
+        """The cluster's memory cgroup (db_memory_mb), named after the lab's namespaces."""
+        return labmemory.group(f"{self.prefix}db")
+
+    @property
     def db_clock_file(self) -> Path:
         return self.workdir / "db-clock"
 
@@ -164,7 +172,7 @@ class Lab:
                port: int = 55432, transport: dict[str, Any] | None = None,
                encrypt: bool = False, offload: bool = True, schema: int = 0, tcp: bool = False,
                pg_settings: dict[str, str] | None = None, join_bursts: bool = True,
-               db_clock: float | None = None) -> Lab:
+               db_clock: float | None = None, db_memory_mb: int = 0) -> Lab:
         if (workdir / "lab.json").exists():
             raise LabError(f"a lab is already up in {workdir}: run `pgvpn lab down` first")
         labsize.check(peers)
@@ -174,7 +182,7 @@ class Lab:
         lab = cls(workdir=workdir, prefix=prefix, port=port, mode=mode, transport=tr, mtu=mtu,
                   pg_bin=pg_bin(), encrypt=encrypt, offload=offload and mode != "payload",
                   schema=schema, tcp=tcp, pg_settings=dict(pg_settings or {}),
-                  join_bursts=join_bursts, db_clock=db_clock)
+                  join_bursts=join_bursts, db_clock=db_clock, db_memory_mb=db_memory_mb)
         for i in range(1, peers + 1):
             lab.peers.append(LabPeer(
                 name=f"peer{i}", netns=f"{prefix}{i}", ipv4=f"10.77.{i // 250}.{i % 250}",
@@ -232,6 +240,8 @@ class Lab:
             if peer.netns in existing:
                 remove_namespace(peer.netns)
         shutil.rmtree(self.workdir, ignore_errors=True)
+        if self.db_memory_mb:  # last: a group still busy is the only thing left behind
+            labmemory.remove(self.db_cgroup)
 
     def save(self) -> None:
         data = asdict(self)
@@ -313,14 +323,20 @@ class Lab:
                    f"FAKETIME_TIMESTAMP_FILE={self.db_clock_file}",
                    f"FAKETIME_CACHE_DURATION={CLOCK_CACHE}", "FAKETIME_DONT_FAKE_MONOTONIC=1",
                    *cmd]
-        self._as_postgres(cmd, check=check)
+        group = None
+        if self.db_memory_mb and args[0] in ("start", "restart"):
+            group = self.db_cgroup
+            labmemory.create(group, self.db_memory_mb)
+        self._as_postgres(cmd, check=check, cgroup=group)
 
     def _pg_ctl(self, *args: str, check: bool = True) -> None:
         self.pg_ctl(self.datadir, *args, check=check)
 
-    def _as_postgres(self, cmd: list[str], check: bool = True) -> None:
-        proc = subprocess.run(["runuser", "-u", "postgres", "--", *cmd], capture_output=True,
-                              text=True, cwd="/")
+    def _as_postgres(self, cmd: list[str], check: bool = True,
+                     cgroup: Path | None = None) -> None:
+        full = ["runuser", "-u", "postgres", "--", *cmd]
+        proc = subprocess.run(labmemory.command(cgroup, full) if cgroup else full,
+                              capture_output=True, text=True, cwd="/")
         if check and proc.returncode != 0:
             raise LabError(f"{' '.join(cmd[:2])} failed: {proc.stderr.strip() or proc.stdout}")
 
