@@ -176,6 +176,7 @@ class Lab:
         if (workdir / "lab.json").exists():
             raise LabError(f"a lab is already up in {workdir}: run `pgvpn lab down` first")
         labsize.check(peers)
+        labmemory.check(db_memory_mb, peers)
         tr = dict(transport or {})
         if batch_max is not None:
             tr["batch_max"] = batch_max

@@ -31,12 +31,24 @@ V2_ROOTS = (Path("/sys/fs/cgroup"), Path("/sys/fs/cgroup/unified"))
 CACHE_MB = 2048
 # per peer: its agent's two backends (8 MB PSS measured with 50 idle peers), doubled
 PEER_MB = 16
+# the least a limit may be: shared_buffers (256 MB) and as much again of cache
+MIN_MB = 512
 REMOVE_WAIT = 10.0  # seconds for a stopped cluster's last processes to leave the group
 
 
 def size_mb(peers: int) -> int:
     """The default limit for a lab of `peers`."""
     return CACHE_MB + PEER_MB * peers
+
+
+def check(limit_mb: int, peers: int) -> None:
+    """Refuse a limit the cluster cannot start in: shared_buffers alone is 256 MB, and under
+    v1's hard limit the kernel would kill a backend rather than fail an allocation."""
+    least = MIN_MB + PEER_MB * peers
+    if limit_mb and limit_mb < least:
+        raise LabError(f"--db-memory {limit_mb}: a {peers}-peer lab's PostgreSQL needs at least "
+                       f"{least} MB (shared_buffers 256 MB, its backends and some cache; "
+                       f"{size_mb(peers)} MB is the benches' default), or 0 for no limit")
 
 
 def _v2_root() -> Path | None:

@@ -9,6 +9,7 @@ import pytest
 
 from bench import meshreport
 from pgvpn_agent import labmemory
+from pgvpn_agent.lab import Lab
 from pgvpn_agent.labhost import LabError
 
 
@@ -29,6 +30,16 @@ def test_a_group_with_spaces_in_its_path_is_one_argument(tmp_path):
 def test_sizes_leave_room_for_every_peer_beside_the_cache():
     assert labmemory.size_mb(2) == labmemory.CACHE_MB + 2 * labmemory.PEER_MB
     assert labmemory.size_mb(50) - labmemory.size_mb(10) == 40 * labmemory.PEER_MB
+
+
+@pytest.mark.parametrize("limit", [-1, 1, 511])
+def test_a_limit_the_cluster_cannot_start_in_is_refused_before_anything_starts(limit, tmp_path):
+    with pytest.raises(LabError, match=f"--db-memory {limit}: a 2-peer lab's PostgreSQL needs "
+                                       "at least 544 MB"):
+        Lab.create(tmp_path / "lab", db_memory_mb=limit)
+    assert not (tmp_path / "lab").exists()
+    Lab.create(tmp_path / "lab", db_memory_mb=0)  # no limit
+    Lab.create(tmp_path / "lab", db_memory_mb=544)
 
 
 def test_removing_a_group_that_is_gone_is_quiet_and_a_stuck_one_says_why(tmp_path):
