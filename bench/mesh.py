@@ -205,7 +205,7 @@ def lab_of(peers: int, tag: str, standby: bool = False, db_memory: int | None = 
     `standby`, every commit waits for a synchronous standby's flush as well. The cluster
     runs in `db_memory` MB (None: labmemory's size for `peers`; 0: unconfined)."""
     lab = Lab.create(_workdir(), peers=peers, prefix=_prefix(tag), port=_port(peers),
-                     db_memory_mb=labmemory.size_mb(peers) if db_memory is None else db_memory,
+                     db_memory_mb=lab_memory(db_memory, peers),
                      **options)
     try:
         lab.up()
@@ -241,10 +241,14 @@ def add_db_memory(p: argparse.ArgumentParser) -> None:
                         "measures that)")
 
 
+def lab_memory(option: int | None, peers: int) -> int:
+    """A lab's database memory limit in MB from `--db-memory` (None: labmemory's size)."""
+    return labmemory.size_mb(peers) if option is None else option
+
+
 def db_memory_mb(option: int | None, peers: int) -> dict[str, int]:
     """What the report says of the labs' limits: per lab size, in MB (0: none)."""
-    sizes = {2, peers}
-    return {str(n): labmemory.size_mb(n) if option is None else option for n in sorted(sizes)}
+    return {str(n): lab_memory(option, n) for n in sorted({2, peers})}
 
 
 def write(samples: list[Sample], out: Path, meta: dict[str, Any]) -> list[Path]:

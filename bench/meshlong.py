@@ -31,7 +31,7 @@ from typing import Any
 import psycopg
 
 from bench import meshlongreport
-from bench.mesh import PHASES, SETTLE, PairRun, add_db_memory, db_memory_mb, lab_of, run_pairs
+from bench.mesh import PHASES, SETTLE, PairRun, add_db_memory, lab_memory, lab_of, run_pairs
 from bench.probe import Probe, Usage
 from bench.tunnel import RESULTS
 from pgvpn_agent.lab import CLOCK_CACHE, Lab, LabError
@@ -275,7 +275,7 @@ def main(argv: list[str] | None = None) -> int:
     meta = {"started": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
             "loadavg_before": os.getloadavg()[0], "standby": args.standby,
             "congestion": congestion_control(args.congestion), "segment": args.segment,
-            "db_memory_mb": db_memory_mb(args.db_memory, args.peers)[str(args.peers)]}
+            "db_memory_mb": lab_memory(args.db_memory, args.peers)}
     try:
         wait = (up_estimate(args.peers) + args.reference + (SETTLE if args.reference else 0)
                 + LEAD + args.rollover_at * args.seconds)

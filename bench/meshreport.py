@@ -255,10 +255,9 @@ def db_memory(limit_mb: int | dict[str, int] | None) -> str:
 def _memory_note(reporting: str | None, limit_mb: dict[str, int] | None) -> str:
     """Long windows on a machine that hands free memory back to its host measure that too,
     unless the cluster's memory is bounded."""
-    confined = bool(limit_mb and any(limit_mb.values()))
     if not reporting or not reporting.startswith("on"):
         return f" {db_memory(limit_mb)}." if limit_mb is not None else ""
-    if confined:
+    if limit_mb and any(limit_mb.values()):
         return (f" {db_memory(limit_mb)}: this machine reports free pages to its host "
                 f"({reporting}), and the limit keeps the log's new pages in memory the kernel "
                 "reclaims from the cluster's cache, as on a server that has run a while "
