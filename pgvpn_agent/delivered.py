@@ -17,6 +17,9 @@ import time
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 
+# A page the receiver writes of at least this many bytes: this peer takes in a flow (bulk_at).
+BULK = 16384
+
 
 class Delivered:
     def __init__(self) -> None:
@@ -31,6 +34,9 @@ class Delivered:
         # replies taken one notification at a time hurried the flow's ACKs and shrank its
         # batches (receiver.FLOW_WINDOW).
         self.flow_at = 0.0
+        # Monotonic time the receiver last wrote a page of at least BULK bytes: the sender's
+        # next batches are likely the flow's ACKs (sender.wakes_in_commit).
+        self.bulk_at = 0.0
 
     def post(self, cursors: Mapping[int, int]) -> None:
         """The receiver wrote these packets (last sequence number per source peer)."""

@@ -16,7 +16,7 @@ from psycopg import sql
 
 from pgvpn_agent import carried, carrybox, db, faults, metrics, seal, tun, wire
 from pgvpn_agent.config import Config
-from pgvpn_agent.delivered import Delivered
+from pgvpn_agent.delivered import BULK, Delivered
 from pgvpn_agent.highwater import ExitCursors
 from pgvpn_agent.pagecount import PageCount
 from pgvpn_agent.payload import deliver as deliver_payloads
@@ -374,6 +374,8 @@ class Receiver:
         # What reached the TUN is delivered, whether or not the save gets through.
         self.cursor.update(last)
         self.delivered.post(last)
+        if sum(c[1] for c in per_link.values()) >= BULK:
+            self.delivered.bulk_at = time.monotonic()  # the sender's next batches: its ACKs
         self._save_overdue()  # at once with save_delay = 0
         PageCount(stale, refused, unsealable, forged, malformed, bad, gaps, repeated,
                   per_link).report(names, last, done)

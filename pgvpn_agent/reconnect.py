@@ -24,6 +24,8 @@ from pgvpn_agent.routing import RouteTable
 from pgvpn_agent.schema import check_version
 
 log = logging.getLogger(__name__)
+# This sender's links as the database has them (it is their only writer).
+LINKS = "SELECT dst, tx_seq FROM pgvpn.link WHERE src = %s"
 
 
 class LinkRecovery:
@@ -131,8 +133,7 @@ class LinkRecovery:
     def _read_links(self) -> None:
         """This sender's links as the database has them now (one writer: the values are its)."""
         assert self.conn is not None
-        rows = self.conn.execute("SELECT dst, tx_seq FROM pgvpn.link WHERE src = %s",
-                                 (self.ids[self.config.peer],))
+        rows = self.conn.execute(LINKS, (self.ids[self.config.peer],))
         self.tx_seq = {int(d): int(s) for d, s in rows if int(d) in self.names}
         self.links_read_at = time.monotonic()
 

@@ -337,7 +337,7 @@ def _functions(conn: Conn) -> list[str]:
                coalesce((SELECT string_agg('`SET ' || c || '`', ', ' ORDER BY c COLLATE "C")
                          FROM unnest(p.proconfig) c), ''),
                coalesce(obj_description(p.oid, 'pg_proc'), ''),
-               {_acl('p.proacl', 'f', 'p.proowner')}
+               {_acl('p.proacl', 'f', 'p.proowner')}, p.prokind = 'p'
         FROM pg_proc p JOIN pg_namespace n ON n.oid = p.pronamespace
         JOIN pg_language l ON l.oid = p.prolang
         WHERE n.nspname = %s
@@ -349,13 +349,15 @@ def _functions(conn: Conn) -> list[str]:
     out += _table(["function", "security", "EXECUTE by (besides owner)"],
                   [[_code(f"{SCHEMA}.{r[0]}"), "DEFINER" if r[5] else "invoker",
                     _holders(r[9], "EXECUTE")] for r in rows])
-    for name, args, result, lang, volatility, definer, owner, config, comment, _ in rows:
+    for name, args, result, lang, volatility, definer, owner, config, comment, _, proc in rows:
         out += [f"### `{SCHEMA}.{name}`", ""] + ([comment, ""] if comment else [])
-        out += ["```sql", *_wrap(f"{SCHEMA}.{name}({args})", "    "), f"RETURNS {result}",
-                "```", ""]
-        facts = [f"`{lang}`", volatility,
-                 "**SECURITY DEFINER**" if definer else "SECURITY INVOKER",
-                 f"owner `{owner}`"] + ([config] if config else [])
+        # a procedure returns nothing; CALL runs it, at the top level it may commit
+        head = f"CALL {SCHEMA}.{name}({args})" if proc else f"{SCHEMA}.{name}({args})"
+        out += ["```sql", *_wrap(head, "    ")] + ([] if proc else [f"RETURNS {result}"])
+        out += ["```", ""]
+        facts = [f"`{lang}`"] + ([] if proc else [volatility]) + [
+            "**SECURITY DEFINER**" if definer else "SECURITY INVOKER",
+            f"owner `{owner}`"] + ([config] if config else [])
         out += [", ".join(facts) + ".", ""]
     return out
 

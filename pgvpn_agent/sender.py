@@ -20,7 +20,7 @@ from pgvpn_agent.delivered import Delivered
 from pgvpn_agent.highwater import HighWater
 from pgvpn_agent.packet import MalformedPacket, parse
 from pgvpn_agent.ratelimit import RateLimit
-from pgvpn_agent.reconnect import LinkRecovery
+from pgvpn_agent.reconnect import LINKS, LinkRecovery
 from pgvpn_agent.stopping import Stop
 
 log = logging.getLogger(__name__)
@@ -33,7 +33,9 @@ UNNOTIFIED_FOR = 10.0
 RELINK_EVERY = 5.0
 
 SEND_BATCH = "SELECT pgvpn.send_batch(%b::int2, " + ", ".join(["%b"] * 19) + ")"
-WAKE = "SELECT pgvpn.wake(%b, %b)"
+# send_batch() without its NOTIFY, committed, then wake() in a transaction of its own: one round
+# trip (migration 0016)
+SEND_AND_WAKE = "CALL pgvpn.send_and_wake(%b::int2, " + ", ".join(["%b"] * 18) + ")"
 
 Captured = payload.Captured
 # With TUN offload a packet can be a 64 KB burst: batches and the queue are bounded in bytes too,
@@ -42,20 +44,34 @@ BATCH_BYTES = 1 << 20
 QUEUE_BYTES = 16 << 20
 # Coalescing applies to reads that found fewer packets than this (or than batch_max).
 COALESCE_BELOW = 16
+# "auto" (wakes_in_commit): a batch of more than SMALL bytes within QUIET seconds of the one
+# before is a flow's data; any batch within QUIET of a page of at least delivered.BULK bytes
+# written the other way, a flow's ACKs.
+QUIET = 0.05
+SMALL = 4096
+# At most one warning this often for wake-ups that failed after their batch's commit.
+WARN_EVERY = 10.0
 
 
-def wakes_in_commit(wake: str, from_idle: bool) -> bool:
+def wakes_in_commit(wake: str, from_idle: bool, since_batch: float = float("inf"),
+                    size: int = 0, since_bulk: float = float("inf")) -> bool:
     """Whether a batch's NOTIFY goes inside its own transaction.
 
-    Inside, the receiver hears of the batch one round trip sooner, but the commit holds the
-    cluster-wide notification lock through its WAL flush, so every busy sender of the cluster
-    queues behind it: "auto" keeps it for a batch whose first packet the sender waited for (a
-    ping, a keystroke, a request) and moves it out while packets are already waiting when the
-    previous batch is done (traffic in full flow).
+    Inside, the receiver hears of the batch a little sooner (and a small batch rides in the
+    notification itself, carried.py), but the commit holds the cluster-wide notification lock
+    through its WAL flush, so every other notifying commit of the cluster queues behind it.
+    "auto" keeps it for a batch whose first packet the sender waited for (a ping, a keystroke,
+    a request, a stream of small datagrams) and moves it out for the traffic of a flow: packets
+    already waiting when the previous batch was done, a big batch just after another (a paced
+    flow's next burst: `since_batch` seconds, `size` bytes), and anything sent just after the
+    receiver wrote a big page (`since_bulk`: the flow's ACKs). With many peers those two
+    notified inside their commits and queued on the lock: some flows ran at a third of
+    others' rate.
     """
-    if wake == "auto":
-        return from_idle
-    return wake == "in_commit"
+    if wake != "auto":
+        return wake == "in_commit"
+    flow = since_batch < QUIET and size > SMALL
+    return from_idle and not flow and since_bulk >= QUIET
 
 
 class Sender(LinkRecovery):
@@ -100,6 +116,9 @@ class Sender(LinkRecovery):
         # NOTIFY inside the batch's transaction, or in one of its own after it (migration 0013)
         self.wake = config.transport.wake
         self.from_idle = True  # the next batch's first packet was waited for
+        self.sent_at = 0.0  # time.monotonic() when the last batch was committed
+        self.wake_warned_at = -WARN_EVERY
+        self.wakes_failed = 0  # since the last warning
         self.waited_batches = 0  # batches in a row whose first packet was already waiting
         self._send = self._send_payloads if config.mode == "payload" else self._send_rows
 
@@ -352,7 +371,10 @@ class Sender(LinkRecovery):
         with self.delivered.carry() as cursors:
             carried = sorted(cursors)
             wake = self.notify and time.monotonic() >= self.notify_again_at
-            in_commit = wakes_in_commit(self.wake, self.from_idle)
+            now = time.monotonic()
+            in_commit = wakes_in_commit(self.wake, self.from_idle, now - self.sent_at,
+                                        sum(c[1] for c in counts.values()),
+                                        now - self.delivered.bulk_at)
             params = (
                 ids[self.config.peer],
                 wake and in_commit,
@@ -392,6 +414,7 @@ class Sender(LinkRecovery):
             else:
                 self.conn.execute(SEND_BATCH, params, prepare=True)
             self.in_flight = {}
+        self.sent_at = time.monotonic()
         if self.replay:
             self.replay = {}
             metrics.IN_DOUBT_REPLAYED.inc()
@@ -413,25 +436,45 @@ class Sender(LinkRecovery):
     def _send_and_wake(self, params: tuple[object, ...], links: list[int],
                        lasts: list[int]) -> None:
         """send_batch(), then the receivers' wake-up in a transaction of its own (migration
-        0013): a second statement, once the batch is committed.
+        0013), both in one CALL of send_and_wake() (migration 0016): one round trip.
 
-        Its failure does not fail the batch, which is logged: it costs the receivers at most
-        one poll interval, and is counted. (Pipelining the two statements would save the
-        round trip; psycopg 3.3's pipeline hung the sender under load, waiting in sync()
-        for results the server had sent.)
+        An error after the procedure's commit leaves the batch logged: the wake-up failed
+        alone (a full NOTIFY queue fails at the wake-up's commit). The links' sequence numbers
+        tell the two apart, this sender being their only writer. A failed wake-up does not
+        fail the batch: it costs the receivers at most one poll interval, and is counted.
+        (psycopg's pipeline mode would have sent the two statements together, but hung the
+        sender under load, waiting in sync() for results the server had sent.)
         """
         conn = self.conn
         assert conn is not None
-        conn.execute(SEND_BATCH, params, prepare=True)
-        metrics.WOKEN_AFTER_COMMIT.inc()
         try:
-            conn.execute(WAKE, (wire.fixed("int2", links), wire.fixed("int8", lasts)),
-                         prepare=True)
+            conn.execute(SEND_AND_WAKE, params[:1] + params[2:], prepare=True)
         except psycopg.Error as exc:
+            if conn.closed or not self._batch_committed(links, lasts):
+                raise
             if not self._queue_full(exc):
                 metrics.UNNOTIFIED.inc()
-                log.warning("sender: could not wake the receivers of a logged batch (%s); they "
-                            "find it at their next poll", db.describe(exc))
+                self._wake_failed(exc)
+        metrics.WOKEN_AFTER_COMMIT.inc()
+
+    def _batch_committed(self, links: list[int], lasts: list[int]) -> bool:
+        """Whether the links hold a batch's last numbers: it committed (after an error)."""
+        assert self.conn is not None
+        try:
+            held = dict(self.conn.execute(LINKS, (self.ids[self.config.peer],)))
+        except psycopg.Error:
+            return False  # the connection went with it: the batch is in doubt (reconnect.py)
+        return all(held.get(d, 0) >= last for d, last in zip(links, lasts, strict=True))
+
+    def _wake_failed(self, exc: psycopg.Error) -> None:
+        self.wakes_failed += 1
+        now = time.monotonic()
+        if now - self.wake_warned_at >= WARN_EVERY:
+            log.warning("sender: could not wake the receivers of %d logged batch(es) (%s); "
+                        "they find them at their next poll", self.wakes_failed,
+                        db.describe(exc))
+            self.wake_warned_at = now
+            self.wakes_failed = 0
 
     def _send_payloads(self, batch: list[Captured]) -> None:
         """Payload mode (payload.py): nothing is logged."""

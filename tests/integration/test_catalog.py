@@ -31,6 +31,10 @@ SEND_BATCH = ("pgvpn.send_batch(smallint,boolean,smallint[],bigint[],bigint[],sm
               "bigint[],timestamp with time zone[],smallint[],inet[],inet[],smallint[],integer[],"
               "integer[],integer[],boolean[],bytea[],bytea[],smallint[],bigint[])")
 
+SEND_AND_WAKE = ("pgvpn.send_and_wake(smallint,smallint[],bigint[],bigint[],smallint[],bigint[],"
+                 "timestamp with time zone[],smallint[],inet[],inet[],smallint[],integer[],"
+                 "integer[],integer[],boolean[],bytea[],bytea[],smallint[],bigint[])")
+
 
 def definer(*execute: str, extra: tuple[str, ...] = ()) -> dict[str, Any]:
     return {"owner": OWNER, "definer": True, "config": [DEFINER_PATH, *extra],
@@ -49,6 +53,9 @@ FUNCTIONS = {
     SEND_BATCH: definer(AGENT),
     # the receivers of the caller's own links, up to what it committed, after the batch
     "pgvpn.wake(smallint[],bigint[])": definer(AGENT),
+    # the two above in one call, two transactions (migration 0016): a procedure that commits
+    # may be neither SECURITY DEFINER nor carry a SET clause; it runs as its caller
+    SEND_AND_WAKE: invoker(AGENT),
     # after a database lost commits: the caller's own links, forward only (highwater.py)
     "pgvpn.advance_link(smallint,bigint)": definer(AGENT),
     # the server's timeline (a failover changes it), not the WAL position behind it (sender.py)

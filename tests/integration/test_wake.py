@@ -7,12 +7,16 @@ traffic with either `transport.wake`, the receivers woken by notifications, not 
 
 from __future__ import annotations
 
+import time
+
 import psycopg
 import pytest
 from psycopg import sql
 
 from pgvpn_agent.lab import Lab
 from pgvpn_agent.labhost import role
+from tests.integration.hostile import BAD_INPUT, COLUMNS, batch
+from tests.integration.pump import Pump
 
 pytestmark = pytest.mark.integration
 
@@ -79,15 +83,18 @@ def test_receivers_are_woken_by_notifications(make_lab, wake):
         assert m['pgvpn_receiver_wakeups_total{cause="notify"}'] >= 20, m
         assert m["pgvpn_unnotified_batches_total"] == 0, m
         after = m["pgvpn_batches_woken_after_commit_total"] - before[peer.name]
-        # pings a second apart: "auto" notifies inside each idle sender's commit
-        assert (after >= 20) if wake == "after_commit" else (after == 0), (wake, after)
+        # pings 0.2 s apart: "auto" notifies inside each idle sender's commit (the first
+        # may follow the lab's own checks within QUIET)
+        assert (after >= 20) if wake == "after_commit" else (after <= (wake == "auto")), \
+            (wake, after)
 
 
 def test_auto_wakes_after_the_commit_while_batches_follow_each_other(make_lab):
-    """A TCP flow keeps its data sender busy: most of its batches leave the notification lock
-    alone. The ACK sender waits for about half of its batches (each delivered page's ACKs
-    arrive after its previous batch), so it uses both paths. Either way the flow's receivers
-    are woken by notifications, not polls."""
+    """A TCP flow leaves the notification lock alone: its data sender's batches (packets
+    waiting, or a big burst just after the batch before) and its ACK sender's, though that
+    one waits for most of them (each delivered page's ACKs come after its previous batch),
+    which the first version of "auto" notified inside their commits. Either way the flow's
+    receivers are woken by notifications, not polls."""
     lab = make_lab(peers=2)
     a, b = lab.peers
     report = lab.iperf(a, b, seconds=3)
@@ -96,8 +103,97 @@ def test_auto_wakes_after_the_commit_while_batches_follow_each_other(make_lab):
         m = lab.agent_metrics(peer)
         batches = m["pgvpn_insert_batches_total"]
         after = m["pgvpn_batches_woken_after_commit_total"]
-        share = 0.5 if peer is a else 0.2
-        assert after > batches * share, (peer.name, after, batches)
+        # (a 3 s flow here: 653 of 660 and 871 of 881)
+        assert after > batches * 0.9, (peer.name, after, batches)
         assert m['pgvpn_receiver_wakeups_total{cause="notify"}'] > 50 * \
             max(1.0, m['pgvpn_receiver_wakeups_total{cause="poll"}']), m
         assert m["pgvpn_unnotified_batches_total"] == 0, m
+
+
+SEND_AND_WAKE_ANY = ("CALL pgvpn.send_and_wake(" + ", ".join(
+    f"%({name})s::{kind}" for name, kind in COLUMNS if name != "p_notify") + ")")
+
+
+def test_send_and_wake_commits_the_batch_then_wakes_and_adds_no_power(make_lab):
+    """The procedure of schema v16 runs as its caller: what it logs and whom it wakes are what
+    send_batch() and wake() allow that login, and its COMMIT is refused inside a caller's
+    transaction, so it cannot end one half-done."""
+    lab = make_lab(peers=3, agents=False)
+    ids = {r.split("|")[0]: int(r.split("|")[1]) for r in
+           lab.psql("SELECT name, id FROM pgvpn.peer").splitlines()}
+    p1, p2, p3 = (ids[p.name] for p in lab.peers)
+    with _as(lab, lab.peers[1].name) as receiver, _as(lab, lab.peers[0].name) as sender, \
+            _as(lab, lab.peers[2].name) as other:
+        channel = str(receiver.execute("SELECT pgvpn.my_channel()").fetchone()[0])
+        receiver.execute(sql.SQL("LISTEN {}").format(sql.Identifier(channel)))
+
+        def logged() -> int:
+            return int(lab.psql(f"SELECT count(*) FROM pgvpn.packet WHERE dst_peer = {p2}"))
+
+        # another peer's login cannot send as p1: refused before anything is committed
+        with pytest.raises(psycopg.errors.InsufficientPrivilege):
+            other.execute(SEND_AND_WAKE_ANY, batch(p1, [(p2, 1)]))
+        # nor can a batch that send_batch() refuses wake anyone
+        with pytest.raises(psycopg.Error) as refused:
+            sender.execute(SEND_AND_WAKE_ANY, batch(p1, [(p2, 1)], links=[(p2, 1, 2)]))
+        assert refused.value.sqlstate == BAD_INPUT
+        # inside the caller's own transaction the procedure may not commit: all rolls back
+        sender.autocommit = False
+        with pytest.raises(psycopg.errors.InvalidTransactionTermination):
+            sender.execute(SEND_AND_WAKE_ANY, batch(p1, [(p2, 1)]))
+        sender.rollback()
+        sender.autocommit = True
+        assert logged() == 0
+        assert _notifications(receiver) == []
+        # an honest batch: logged, the link advanced, then its receiver woken with how far
+        sender.execute(SEND_AND_WAKE_ANY, batch(p1, [(p2, 1), (p2, 2), (p3, 1)]))
+        assert logged() == 2
+        assert lab.psql(f"SELECT tx_seq FROM pgvpn.link WHERE src = {p1} AND dst = {p2}") == "2"
+        assert _notifications(receiver) == [(channel, f"{p1}:2")]
+        # the batch and the wake-up are two transactions: the wake-up's commit is not the one
+        # that flushed the batch (its lock is not held through a WAL flush)
+        with psycopg.connect(lab.dsn(), autocommit=True) as admin:
+            commits = ("SELECT xact_commit FROM pg_stat_database WHERE datname = "
+                       "current_database()")
+            before = int(admin.execute(commits).fetchone()[0])
+            sender.execute(SEND_AND_WAKE_ANY, batch(p1, [(p2, 3)]))
+            admin.execute("SELECT pg_stat_clear_snapshot()")
+            time.sleep(0.7)  # statistics are reported at most every 500 ms when idle
+            assert int(admin.execute(commits).fetchone()[0]) - before >= 2
+        assert _notifications(receiver) == [(channel, f"{p1}:3")]
+
+
+def test_a_wake_up_that_fails_after_the_commit_loses_nothing(make_lab):
+    """send_and_wake() commits the batch before it wakes anyone. When the wake-up fails after
+    that commit (here EXECUTE on wake() revoked; in production a full NOTIFY queue), the
+    agent counts the batch as logged: neither sent again nor dropped, and its receiver finds
+    it at its next poll. Numbered datagrams both ways, in order, each once."""
+    lab = make_lab(peers=2, transport={"wake": "after_commit", "poll_interval": 0.2})
+    a, b = lab.peers
+    ab, ba = Pump(lab, a, b, port=7901, every=0.01), Pump(lab, b, a, port=7902, every=0.01)
+    time.sleep(1.0)
+    lab.psql("REVOKE EXECUTE ON FUNCTION pgvpn.wake(smallint[], bigint[]) FROM pgvpn_agent")
+    revoked_at = time.monotonic()
+    try:
+        time.sleep(3.0)
+    finally:
+        lab.psql("GRANT EXECUTE ON FUNCTION pgvpn.wake(smallint[], bigint[]) TO pgvpn_agent")
+    during = {p.name: lab.agent_metrics(p) for p in (a, b)}
+    time.sleep(2.0)
+    for logged, _, w in (ab.finish(), ba.finish()):
+        assert w.repeats == 0 and not w.rewinds, "a datagram was delivered twice"
+        assert w.delivered == len(logged) > 400, (w.delivered, len(logged))
+    # the datagrams sent while the wake-ups failed arrived, found by the receivers' polls
+    assert ab.first_arrival(revoked_at + 1.0) is not None
+    for peer in (a, b):
+        m, now = during[peer.name], lab.agent_metrics(peer)
+        assert m["pgvpn_unnotified_batches_total"] >= 20, m
+        assert m['pgvpn_receiver_wakeups_total{cause="poll"}'] >= 10, m
+        # nothing was dropped or sent again, no connection lost
+        assert now.get('pgvpn_packets_dropped_total{reason="db_error"}', 0) == 0, now
+        for d in ("tx", "rx"):
+            assert now.get(f'pgvpn_db_reconnects_total{{direction="{d}"}}', 0) == 0, now
+        # and once wake() may run again, notifications wake the receivers again
+        assert now['pgvpn_receiver_wakeups_total{cause="notify"}'] > \
+            m['pgvpn_receiver_wakeups_total{cause="notify"}'] + 20, (m, now)
+        assert now["pgvpn_unnotified_batches_total"] < m["pgvpn_unnotified_batches_total"] + 5
