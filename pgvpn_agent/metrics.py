@@ -185,8 +185,8 @@ IN_DOUBT_REPLAYED = Counter("pgvpn_in_doubt_batches_replayed", "Batches in doubt
                             "once: a receiver that read them on the old primary skips them).")
 WOKEN_AFTER_COMMIT = Counter("pgvpn_batches_woken_after_commit", "Batches whose receivers were "
                              "woken in a transaction of their own after the batch's commit "
-                             "(transport.wake after_commit, or auto while packets wait for "
-                             "the sender); the rest notify inside it.")
+                             "(transport.wake after_commit, or auto for a flow's bursts and "
+                             "its ACKs); the rest notify inside it.")
 UNNOTIFIED = Counter("pgvpn_unnotified_batches", "Batches logged without waking their receivers "
                      "because the database's NOTIFY queue was full (receivers find them by "
                      "polling, transport.poll_interval).")
