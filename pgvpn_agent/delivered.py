@@ -34,9 +34,10 @@ class Delivered:
         # replies taken one notification at a time hurried the flow's ACKs and shrank its
         # batches (receiver.FLOW_WINDOW).
         self.flow_at = 0.0
-        # Monotonic time the receiver last wrote a page of at least BULK bytes: the sender's
-        # next batches are likely the flow's ACKs (sender.wakes_in_commit).
-        self.bulk_at = 0.0
+        # Per source peer, monotonic time the receiver last wrote at least BULK bytes of its
+        # packets in one page: the sender's next batches to that peer are likely the flow's
+        # ACKs (sender.wakes_in_commit).
+        self.bulk_at: dict[int, float] = {}
 
     def post(self, cursors: Mapping[int, int]) -> None:
         """The receiver wrote these packets (last sequence number per source peer)."""

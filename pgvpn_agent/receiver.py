@@ -374,8 +374,9 @@ class Receiver:
         # What reached the TUN is delivered, whether or not the save gets through.
         self.cursor.update(last)
         self.delivered.post(last)
-        if sum(c[1] for c in per_link.values()) >= BULK:
-            self.delivered.bulk_at = time.monotonic()  # the sender's next batches: its ACKs
+        for src, (_, size) in per_link.items():
+            if size >= BULK:  # the sender's next batches to src: that flow's ACKs
+                self.delivered.bulk_at[src] = time.monotonic()
         self._save_overdue()  # at once with save_delay = 0
         PageCount(stale, refused, unsealable, forged, malformed, bad, gaps, repeated,
                   per_link).report(names, last, done)

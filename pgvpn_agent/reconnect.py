@@ -59,7 +59,7 @@ class LinkRecovery:
                 db.lock_peer(conn, db.LOCK_SENDER, cfg.peer)
                 if cfg.mode == "trigger":
                     conn.execute("SET pgvpn.notify = 'trigger'")
-                rows = conn.execute("SELECT dst, tx_seq FROM pgvpn.link WHERE src = %s", (me,))
+                rows = conn.execute(LINKS, (me,))
                 # links to peers this config does not list are not this agent's to write
                 committed = {int(d): int(s) for d, s in rows if int(d) in self.names}
                 row = conn.execute("SELECT pgvpn.timeline()").fetchone()

@@ -11,6 +11,7 @@ import logging
 import select
 import time
 from collections import deque
+from math import inf
 
 import psycopg
 
@@ -116,7 +117,7 @@ class Sender(LinkRecovery):
         # NOTIFY inside the batch's transaction, or in one of its own after it (migration 0013)
         self.wake = config.transport.wake
         self.from_idle = True  # the next batch's first packet was waited for
-        self.sent_at = 0.0  # time.monotonic() when the last batch was committed
+        self.sent_at = float("-inf")  # time.monotonic() of the last batch's commit
         self.wake_warned_at = -WARN_EVERY
         self.wakes_failed = 0  # since the last warning
         self.waited_batches = 0  # batches in a row whose first packet was already waiting
@@ -372,9 +373,10 @@ class Sender(LinkRecovery):
             carried = sorted(cursors)
             wake = self.notify and time.monotonic() >= self.notify_again_at
             now = time.monotonic()
+            bulk = self.delivered.bulk_at
             in_commit = wakes_in_commit(self.wake, self.from_idle, now - self.sent_at,
                                         sum(c[1] for c in counts.values()),
-                                        now - self.delivered.bulk_at)
+                                        now - max(bulk.get(d, -inf) for d in links))
             params = (
                 ids[self.config.peer],
                 wake and in_commit,
@@ -458,13 +460,18 @@ class Sender(LinkRecovery):
         metrics.WOKEN_AFTER_COMMIT.inc()
 
     def _batch_committed(self, links: list[int], lasts: list[int]) -> bool:
-        """Whether the links hold a batch's last numbers: it committed (after an error)."""
+        """Whether the links hold exactly a batch's last numbers: it committed (after an
+        error). A link removed meanwhile tells nothing; a link elsewhere (another agent with
+        this name moved it) is not this batch's doing. If the links cannot be read, the
+        connection is closed: the batch is in doubt, for the reconnect to settle."""
         assert self.conn is not None
         try:
             held = dict(self.conn.execute(LINKS, (self.ids[self.config.peer],)))
         except psycopg.Error:
-            return False  # the connection went with it: the batch is in doubt (reconnect.py)
-        return all(held.get(d, 0) >= last for d, last in zip(links, lasts, strict=True))
+            self.conn.close()
+            return False
+        present = [(d, last) for d, last in zip(links, lasts, strict=True) if d in held]
+        return bool(present) and all(held[d] == last for d, last in present)
 
     def _wake_failed(self, exc: psycopg.Error) -> None:
         self.wakes_failed += 1

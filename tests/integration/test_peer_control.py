@@ -92,8 +92,11 @@ def test_watchdog_ends_a_peer_session_that_holds_a_transaction(make_lab):
         assert m['pgvpn_db_reconnects_total{direction="rx"}'] == 0, "an agent was ended"
 
 
-def test_quota_stops_a_flood_in_the_database_and_spares_the_others(make_lab):
-    lab = make_lab(peers=3)
+@pytest.mark.parametrize("wake", ["auto", "after_commit"])
+def test_quota_stops_a_flood_in_the_database_and_spares_the_others(make_lab, wake):
+    """after_commit: every batch is a CALL of send_and_wake() (schema v16), refused before its
+    commit; the sender must see it refused, not logged."""
+    lab = make_lab(peers=3, transport={"wake": wake})
     p1, p2, p3 = lab.peers
     used = int(lab.psql("SELECT bytes FROM pgvpn.usage u JOIN pgvpn.peer p ON p.id = u.peer "
                         "WHERE p.name = 'peer1'"))
