@@ -371,8 +371,8 @@ class Sender(LinkRecovery):
         links = sorted(counts)
         with self.delivered.carry() as cursors:
             carried = sorted(cursors)
-            wake = self.notify and time.monotonic() >= self.notify_again_at
             now = time.monotonic()
+            wake = self.notify and now >= self.notify_again_at
             bulk = self.delivered.bulk_at
             in_commit = wakes_in_commit(self.wake, self.from_idle, now - self.sent_at,
                                         sum(c[1] for c in counts.values()),
