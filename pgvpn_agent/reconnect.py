@@ -15,10 +15,9 @@ from collections import deque
 
 import psycopg
 
-from pgvpn_agent import db, metrics, tun
+from pgvpn_agent import db, metrics
 from pgvpn_agent.config import Config
 from pgvpn_agent.highwater import HighWater
-from pgvpn_agent.packet import MalformedPacket, parse
 from pgvpn_agent.payload import Captured
 from pgvpn_agent.routing import RouteTable
 from pgvpn_agent.schema import check_version
@@ -26,6 +25,16 @@ from pgvpn_agent.schema import check_version
 log = logging.getLogger(__name__)
 # This sender's links as the database has them (it is their only writer).
 LINKS = "SELECT dst, tx_seq FROM pgvpn.link WHERE src = %s"
+
+
+def holds(links: dict[int, int], batch: dict[int, tuple[int, int]]) -> bool:
+    """Whether `links` (dst -> tx_seq, read from the database) hold a batch (dst -> its first
+    and last numbers) as committed: every link of it still there stands exactly at the batch's
+    last number. This sender being their only writer, its own links tell, and only those: a
+    link removed meanwhile tells nothing, and a peer that joined meanwhile has a link the batch
+    never wrote (a batch judged by its first packet's peer was sent twice then)."""
+    present = [(d, last) for d, (_, last) in batch.items() if d in links]
+    return bool(present) and all(links[d] == last for d, last in present)
 
 
 class LinkRecovery:
@@ -225,15 +234,7 @@ class LinkRecovery:
 
     def _committed(self, committed: dict[int, int]) -> bool:
         """Did the batch whose commit we never heard back about actually commit?"""
-        for _, raw in self.pending:
-            try:
-                peer = self.routes.lookup(parse(raw[tun.VNET_SIZE:]).dst_raw)
-            except MalformedPacket:
-                continue
-            if peer is not None and peer in self.ids:
-                dst = self.ids[peer]
-                return committed.get(dst, 0) > self.tx_seq.get(dst, 0)
-        return False
+        return holds(committed, self.in_flight)
 
     def _lost(self, exc: psycopg.Error) -> bool:
         """Drop a broken connection (True); errors on a live one are the caller's (False)."""

@@ -21,7 +21,7 @@ from pgvpn_agent.delivered import Delivered
 from pgvpn_agent.highwater import HighWater
 from pgvpn_agent.packet import MalformedPacket, parse
 from pgvpn_agent.ratelimit import RateLimit
-from pgvpn_agent.reconnect import LINKS, LinkRecovery
+from pgvpn_agent.reconnect import LINKS, LinkRecovery, holds
 from pgvpn_agent.stopping import Stop
 
 log = logging.getLogger(__name__)
@@ -412,7 +412,7 @@ class Sender(LinkRecovery):
             started = time.perf_counter()
             self.in_flight = {d: (self.tx_seq[d] + 1, next_seq[d]) for d in links}
             if wake and not in_commit:
-                self._send_and_wake(params, links, [next_seq[d] for d in links])
+                self._send_and_wake(params)
             else:
                 self.conn.execute(SEND_BATCH, params, prepare=True)
             self.in_flight = {}
@@ -435,8 +435,7 @@ class Sender(LinkRecovery):
         metrics.ROWS.inc(len(r_dst))
         self._count(counts, len(r_dst))
 
-    def _send_and_wake(self, params: tuple[object, ...], links: list[int],
-                       lasts: list[int]) -> None:
+    def _send_and_wake(self, params: tuple[object, ...]) -> None:
         """send_batch(), then the receivers' wake-up in a transaction of its own (migration
         0013), both in one CALL of send_and_wake() (migration 0016): one round trip.
 
@@ -452,26 +451,24 @@ class Sender(LinkRecovery):
         try:
             conn.execute(SEND_AND_WAKE, params[:1] + params[2:], prepare=True)
         except psycopg.Error as exc:
-            if conn.closed or not self._batch_committed(links, lasts):
+            if conn.closed or not self._batch_committed():
                 raise
             if not self._queue_full(exc):
                 metrics.UNNOTIFIED.inc()
                 self._wake_failed(exc)
         metrics.WOKEN_AFTER_COMMIT.inc()
 
-    def _batch_committed(self, links: list[int], lasts: list[int]) -> bool:
-        """Whether the links hold exactly a batch's last numbers: it committed (after an
-        error). A link removed meanwhile tells nothing; a link elsewhere (another agent with
-        this name moved it) is not this batch's doing. If the links cannot be read, the
-        connection is closed: the batch is in doubt, for the reconnect to settle."""
+    def _batch_committed(self) -> bool:
+        """Whether the batch in flight committed, after an error (reconnect.holds). If the
+        links cannot be read, the connection is closed: the batch is in doubt, for the
+        reconnect to settle."""
         assert self.conn is not None
         try:
             held = dict(self.conn.execute(LINKS, (self.ids[self.config.peer],)))
         except psycopg.Error:
             self.conn.close()
             return False
-        present = [(d, last) for d, last in zip(links, lasts, strict=True) if d in held]
-        return bool(present) and all(held[d] == last for d, last in present)
+        return holds(held, self.in_flight)
 
     def _wake_failed(self, exc: psycopg.Error) -> None:
         self.wakes_failed += 1

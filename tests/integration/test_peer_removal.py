@@ -9,6 +9,8 @@ was past it would never deliver the new one.
 
 from __future__ import annotations
 
+import os
+import signal
 import subprocess
 import sys
 import threading
@@ -232,3 +234,117 @@ def _contains(path: Path, text: str) -> None:
 
 def _assert(ok: bool) -> None:
     assert ok
+
+
+def test_a_batch_committed_unheard_is_not_sent_again_when_a_peer_joined_meanwhile(make_lab):
+    """peer1's batch holds a packet for peer2 (in its config, not registered: no route), then
+    one for peer3. It commits, but peer1 never hears back: its session ends while the commit
+    waits for a synchronous standby that is not there. The operator registers peer2 before
+    peer1 reconnects. The reconnect must judge the batch by the links it wrote (peer3's), not
+    by the first packet's peer, whose new link stands at 0, and must not log peer3's packet
+    a second time under a new number."""
+    lab = make_lab(peers=3, agents=False)
+    p1, p2, p3 = lab.peers
+    lab.psql("SELECT pgvpn.remove_peer('peer2')")  # not registered, until below
+    for peer in (p1, p3):
+        lab.start_agent(peer)
+    eventually(lambda: _assert(lab.ping(p1, p3) and lab.ping(p3, p1)), timeout=30)
+    out = Stream(lab, p1, p3, port=7111)     # the batch's logged packet
+    back = Stream(lab, p3, p1, port=7112)    # the other way, throughout
+    joining = Stream(lab, p1, p2, port=7113)  # the batch's first packet, to the newcomer
+    for n in range(1, 11):
+        assert out.send(n) and back.send(n)
+    out.wait_count(10, timeout=10)
+    back.wait_count(10, timeout=10)
+    assert out.received == back.received == list(range(1, 11))
+
+    ids = dict(r.split("|") for r in lab.psql("SELECT name, id FROM pgvpn.peer").splitlines())
+    link = f"src_peer = {ids['peer1']} AND dst_peer = {ids['peer3']} AND dst_port = 7111"
+    sender = "application_name = 'pgvpn-peer1-tx'"
+    # Every cursor saved first: a receiver's save during the stall would hold a cursor row
+    # that peer1's batch carries (the batch would wait on that lock, not at its commit).
+    eventually(lambda: _assert(lab.psql(
+        "SELECT bool_and(c.rx_seq = l.tx_seq) FROM pgvpn.cursor c JOIN pgvpn.link l "
+        f"USING (src, dst) WHERE {ids['peer2']} NOT IN (src, dst)") == "t"))
+    lab.psql("CREATE TABLE sync_probe ()")
+    _stop(p1.pid)
+    try:
+        # Queued in peer1's TUN while its agent is stopped: one batch, peer2's packet first.
+        assert joining.send(1) and out.send(11)
+        lab.psql("ALTER SYSTEM SET synchronous_standby_names = 'pgvpn_nobody'")
+        lab.psql("SELECT pg_reload_conf()")
+        eventually(lambda: _assert(_commits_wait(lab)))
+        os.kill(p1.pid, signal.SIGCONT)
+        eventually(lambda: _assert(lab.psql(
+            f"SELECT wait_event FROM pg_stat_activity WHERE {sender}") == "SyncRep"))
+        _stop(p1.pid)  # no reconnect before the operator is done
+        assert lab.psql(f"SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+                        f"WHERE {sender}") == "t"
+        with psycopg.connect(lab.dsn(), autocommit=True) as operator:
+            operator.execute("SET synchronous_commit = local")  # no standby to wait for
+            operator.execute("SELECT pgvpn.register_peers(ARRAY['peer1', 'peer2', 'peer3'])")
+        # The batch did commit, and peer2's new link stands at 0: judged by its first
+        # packet's link, the batch looks lost.
+        assert lab.psql(f"SELECT count(*) FROM pgvpn.packet WHERE {link}") == "11"
+        assert lab.psql(f"SELECT tx_seq FROM pgvpn.link WHERE src = {ids['peer1']} "
+                        f"AND dst = {ids['peer2']}") == "0"
+        lab.psql("ALTER SYSTEM RESET synchronous_standby_names")
+        lab.psql("SELECT pg_reload_conf()")
+        assert back.send(11)  # the other way, to the stopped agent
+    finally:
+        lab.psql("ALTER SYSTEM RESET synchronous_standby_names")
+        lab.psql("SELECT pg_reload_conf()")
+        os.kill(p1.pid, signal.SIGCONT)
+    resumed = time.monotonic()
+    assert out.send(12)
+    # Recovery: the stopped agent's reconnect, then its first datagram each way.
+    assert out.wait_for(12, timeout=15) and back.wait_for(11, timeout=15)
+    recovery = max(out.times[out.received.index(12)], back.times[back.received.index(11)])
+    for n in range(13, 31):
+        assert out.send(n) and back.send(n - 1)
+        time.sleep(0.01)
+    assert back.send(30)
+    eventually(lambda: _assert(len(out.received) >= 30 and len(back.received) >= 30))
+    time.sleep(1.0)  # a packet logged twice would have arrived by now
+    assert out.received == list(range(1, 31)), out.received
+    assert back.received == list(range(1, 31)), back.received
+    assert lab.psql(f"SELECT count(*) FROM pgvpn.packet WHERE {link}") == "30"
+    assert lab.agent_metrics(p1)['pgvpn_db_reconnects_total{direction="tx"}'] == 1
+    _contains(Path(p1.log), "the batch in flight at the disconnect was committed")
+    print(f"\nrecovery: {recovery - resumed:.2f} s from the agent resumed to a datagram each way")
+    for stream in (out, back, joining):
+        stream.close()
+
+
+def _commits_wait(lab: Lab) -> bool:
+    """Whether a commit now waits for the synchronous standby (the server takes up a reload a
+    moment later): a probe's commit still waiting after 0.2 s, then cancelled (it stays
+    committed here)."""
+    failures: list[BaseException] = []
+    with psycopg.connect(lab.dsn(), autocommit=True) as probe:
+        def insert() -> None:
+            try:
+                probe.execute("INSERT INTO sync_probe DEFAULT VALUES")  # a commit with WAL
+            except BaseException as exc:  # re-raised by the test's thread
+                failures.append(exc)
+
+        thread = threading.Thread(target=insert)
+        thread.start()
+        thread.join(0.2)
+        waits = thread.is_alive()
+        if waits:
+            probe.cancel()
+        thread.join(10)
+    if failures:
+        raise failures[0]
+    return waits
+
+
+def _stop(pid: int) -> None:
+    """SIGSTOP, returning once every thread of the process has stopped."""
+    os.kill(pid, signal.SIGSTOP)
+    deadline = time.monotonic() + 5
+    while any(Path(f"/proc/{pid}/task/{t}/stat").read_text().rsplit(")", 1)[1].split()[0]
+              not in ("T", "t") for t in os.listdir(f"/proc/{pid}/task")):
+        assert time.monotonic() < deadline, f"process {pid} did not stop"
+        time.sleep(0.005)

@@ -79,3 +79,19 @@ def test_no_batch_left_to_send_again_skips_its_numbers_at_the_next_connect() -> 
     s.replay = dict(IN_DOUBT)
     s._replay_or_skip(conn, {B: 10}, s.replay)  # type: ignore[arg-type]
     assert s.replay == {} and [p for _, p in conn.calls] == [(B, 13)]
+
+
+def test_a_batch_is_judged_committed_by_the_links_it_wrote_alone() -> None:
+    """reconnect.holds: the links as read after a lost connection against the batch in flight
+    (dst -> first, last)."""
+    from pgvpn_agent.reconnect import holds
+
+    batch = {2: (11, 13), 3: (5, 5)}
+    assert holds({2: 13, 3: 5}, batch)
+    assert not holds({2: 10, 3: 4}, batch)  # rolled back: each link where the batch began
+    assert holds({2: 13, 3: 5, 4: 0}, batch)  # a peer joined meanwhile: its link tells nothing
+    assert holds({3: 5}, batch)  # a link removed meanwhile tells nothing either
+    assert not holds({4: 0}, batch)  # none of its links left: nothing says it committed
+    assert not holds({2: 13, 3: 5}, {})  # no statement was in flight
+    # a link where no batch of this sender left it (another agent with this name moved it)
+    assert not holds({2: 20, 3: 5}, batch)
