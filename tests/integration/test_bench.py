@@ -224,3 +224,16 @@ def test_pagecache_probe_refuses_a_directory_without_room(tmp_path):
          str(tmp_path), "--out", str(tmp_path)], capture_output=True, text=True, timeout=60)
     assert proc.returncode == 2 and "GB free" in proc.stderr, proc.stderr
     assert list(tmp_path.iterdir()) == []
+
+
+def test_overlap_compares_one_connection_with_two():
+    """`python -m bench.overlap`: each round logs every batch both ways (a failed send or
+    reader fails the run) and prints its ratio, then the table."""
+    proc = subprocess.run(
+        [sys.executable, "-m", "bench.overlap", "--rounds", "2", "--batches", "20",
+         "--db-memory", "0", "--port", str(57000 + os.getpid() % 400)],
+        capture_output=True, text=True, timeout=180)
+    assert proc.returncode == 0, proc.stderr
+    rounds = [line for line in proc.stdout.splitlines() if line.startswith("round ")]
+    assert len(rounds) == 2 and "(one first)" in rounds[0] and "(two first)" in rounds[1]
+    assert "| two / one per round |" in proc.stdout and "geometric mean" in proc.stdout
