@@ -8,6 +8,14 @@ import time
 from pgvpn_agent.lab import Lab, LabError
 
 
+def sync_standbys(lab: Lab, names: str | None) -> None:
+    """Set the lab's synchronous_standby_names (None: reset it) and reload: commits wait for
+    those standbys a moment later (a name no standby has: they wait until it is reset)."""
+    lab.psql("ALTER SYSTEM RESET synchronous_standby_names" if names is None
+             else f"ALTER SYSTEM SET synchronous_standby_names = '{names}'")
+    lab.psql("SELECT pg_reload_conf()")
+
+
 class Standby:
     def __init__(self, lab: Lab) -> None:
         self.lab = lab
@@ -28,8 +36,7 @@ class Standby:
         with open(self.datadir / "postgresql.auto.conf", "a") as f:
             f.write(f"port = {self.port}\n")
         self.start()
-        lab.psql("ALTER SYSTEM SET synchronous_standby_names = '*'")
-        lab.psql("SELECT pg_reload_conf()")
+        sync_standbys(lab, "*")
         deadline = time.monotonic() + timeout
         while (state := lab.psql("SELECT sync_state FROM pg_stat_replication")) != "sync":
             if time.monotonic() > deadline:

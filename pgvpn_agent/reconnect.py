@@ -64,13 +64,10 @@ class LinkRecovery:
                 check_version(conn)
                 self.ids = db.peer_ids(conn, cfg.peer, [p.name for p in cfg.peers])
                 self.names = {v: k for k, v in self.ids.items()}
-                me = self.ids[cfg.peer]
                 db.lock_peer(conn, db.LOCK_SENDER, cfg.peer)
                 if cfg.mode == "trigger":
                     conn.execute("SET pgvpn.notify = 'trigger'")
-                rows = conn.execute(LINKS, (me,))
-                # links to peers this config does not list are not this agent's to write
-                committed = {int(d): int(s) for d, s in rows if int(d) in self.names}
+                committed = self._links(conn)
                 row = conn.execute("SELECT pgvpn.timeline()").fetchone()
                 timeline = int(row[0]) if row else 0
                 conn.add_notice_handler(self._notice)
@@ -89,7 +86,8 @@ class LinkRecovery:
             metrics.TIMELINE_CHANGES.inc()
         in_doubt: dict[int, tuple[int, int]] = {}
         if self.pending and cfg.mode != "payload":
-            if self._committed(committed):
+            # the batch whose commit the sender never heard back about
+            if holds(committed, self.in_flight):
                 log.info("sender: the batch in flight at the disconnect was committed")
                 self.pending = []
                 self.replay = {}
@@ -139,11 +137,16 @@ class LinkRecovery:
             conn.execute("SELECT pgvpn.advance_link(%s::int2, %s)", (dst, mark))
             committed[dst] = mark
 
+    def _links(self, conn: db.Conn) -> dict[int, int]:
+        """This sender's links as the database has them now, dst -> tx_seq (one writer: the
+        values are its). Links to peers this config does not list are not its to write."""
+        rows = conn.execute(LINKS, (self.ids[self.config.peer],))
+        return {int(d): int(s) for d, s in rows if int(d) in self.names}
+
     def _read_links(self) -> None:
-        """This sender's links as the database has them now (one writer: the values are its)."""
+        """tx_seq as the database has it now, and when it was read."""
         assert self.conn is not None
-        rows = self.conn.execute(LINKS, (self.ids[self.config.peer],))
-        self.tx_seq = {int(d): int(s) for d, s in rows if int(d) in self.names}
+        self.tx_seq = self._links(self.conn)
         self.links_read_at = time.monotonic()
 
     def _relinked(self, exc: psycopg.Error) -> bool:
@@ -231,10 +234,6 @@ class LinkRecovery:
             log.error("sender: the database committed a batch without its synchronous standby's "
                       "confirmation (%s): a failover now would lose it", diag.message_primary)
             metrics.IN_DOUBT.labels("warned").inc()
-
-    def _committed(self, committed: dict[int, int]) -> bool:
-        """Did the batch whose commit we never heard back about actually commit?"""
-        return holds(committed, self.in_flight)
 
     def _lost(self, exc: psycopg.Error) -> bool:
         """Drop a broken connection (True); errors on a live one are the caller's (False)."""

@@ -21,7 +21,7 @@ from pgvpn_agent.delivered import Delivered
 from pgvpn_agent.highwater import HighWater
 from pgvpn_agent.packet import MalformedPacket, parse
 from pgvpn_agent.ratelimit import RateLimit
-from pgvpn_agent.reconnect import LINKS, LinkRecovery, holds
+from pgvpn_agent.reconnect import LinkRecovery, holds
 from pgvpn_agent.stopping import Stop
 
 log = logging.getLogger(__name__)
@@ -117,7 +117,7 @@ class Sender(LinkRecovery):
         # NOTIFY inside the batch's transaction, or in one of its own after it (migration 0013)
         self.wake = config.transport.wake
         self.from_idle = True  # the next batch's first packet was waited for
-        self.sent_at = float("-inf")  # time.monotonic() of the last batch's commit
+        self.sent_at = -inf  # time.monotonic() of the last batch's commit
         self.wake_warned_at = -WARN_EVERY
         self.wakes_failed = 0  # since the last warning
         self.waited_batches = 0  # batches in a row whose first packet was already waiting
@@ -464,7 +464,7 @@ class Sender(LinkRecovery):
         reconnect to settle."""
         assert self.conn is not None
         try:
-            held = dict(self.conn.execute(LINKS, (self.ids[self.config.peer],)))
+            held = self._links(self.conn)
         except psycopg.Error:
             self.conn.close()
             return False

@@ -23,6 +23,7 @@ import pytest
 
 from pgvpn_agent import wire
 from pgvpn_agent.lab import Lab
+from pgvpn_agent.labstandby import sync_standbys
 from tests.integration.hostile import send
 from tests.integration.stream import Stream, deliver, eventually
 
@@ -271,8 +272,7 @@ def test_a_batch_committed_unheard_is_not_sent_again_when_a_peer_joined_meanwhil
     try:
         # Queued in peer1's TUN while its agent is stopped: one batch, peer2's packet first.
         assert joining.send(1) and out.send(11)
-        lab.psql("ALTER SYSTEM SET synchronous_standby_names = 'pgvpn_nobody'")
-        lab.psql("SELECT pg_reload_conf()")
+        sync_standbys(lab, "pgvpn_nobody")
         eventually(lambda: _assert(_commits_wait(lab)))
         os.kill(p1.pid, signal.SIGCONT)
         eventually(lambda: _assert(lab.psql(
@@ -288,12 +288,10 @@ def test_a_batch_committed_unheard_is_not_sent_again_when_a_peer_joined_meanwhil
         assert lab.psql(f"SELECT count(*) FROM pgvpn.packet WHERE {link}") == "11"
         assert lab.psql(f"SELECT tx_seq FROM pgvpn.link WHERE src = {ids['peer1']} "
                         f"AND dst = {ids['peer2']}") == "0"
-        lab.psql("ALTER SYSTEM RESET synchronous_standby_names")
-        lab.psql("SELECT pg_reload_conf()")
+        sync_standbys(lab, None)
         assert back.send(11)  # the other way, to the stopped agent
     finally:
-        lab.psql("ALTER SYSTEM RESET synchronous_standby_names")
-        lab.psql("SELECT pg_reload_conf()")
+        sync_standbys(lab, None)
         os.kill(p1.pid, signal.SIGCONT)
     resumed = time.monotonic()
     assert out.send(12)
