@@ -4,11 +4,13 @@ The floor is what no design that logs a packet durably before delivering it can 
 WAL flush (`pg_test_fsync`, the server's `wal_sync_method`), and on the lab's own PostgreSQL one
 direction as the seed did it (INSERT and pg_notify, the listener woken, the row read back by
 id) and as a carried row does (the row rides in the notification: no read). Twice that is a
-round trip's floor, measured back to back. Beside it, pings through the seed's Go program
-(bench/seed_go) and through `pgvpn lab` (agents on TCP, so that their database traffic can be
-captured), idle ones (tunnel.PING_INTERVAL apart) and back-to-back ones (`ping -A`); each idle
-pgvpn ping is cut into stages (bench/rttstages.py) from captures of both TUN devices and both
-agents' connections on one clock. Variants alternate, round-robin.
+round trip's floor, measured back to back. An idle ping's floor is two flushes each after a
+pause (`paused_flush_us`): on a virtual disk far dearer than back to back. Beside it, pings
+through the seed's Go program (bench/seed_go) and through `pgvpn lab` (agents on TCP, so that
+their database traffic can be captured), idle ones (tunnel.PING_INTERVAL apart) and
+back-to-back ones (`ping -A`); each idle pgvpn ping is cut into stages (bench/rttstages.py)
+from captures of both TUN devices and both agents' connections on one clock. Variants
+alternate, round-robin.
 """
 
 from __future__ import annotations
@@ -46,7 +48,8 @@ FLOOR_ROUNDS = 200
 
 def fsync_us(lab: Lab) -> dict[str, Any]:
     """pg_test_fsync's one-8kB-write figure for the server's wal_sync_method, in the lab's data
-    directory's file system (stopped after that first section)."""
+    directory's file system (stopped after that first section), and the same flush after an
+    idle ping's pause (`paused_flush_us`)."""
     method = lab.psql("SHOW wal_sync_method")
     probe = lab.pgdir / "fsync-probe"
     proc = subprocess.Popen([f"{lab.pg_bin}/pg_test_fsync", "-s", "1", "-f", str(probe)],
@@ -65,7 +68,53 @@ def fsync_us(lab: Lab) -> dict[str, Any]:
         probe.unlink(missing_ok=True)
     if found is None:
         raise LabError(f"pg_test_fsync printed no figure for wal_sync_method = {method}")
-    return {"method": method, "us": found}
+    return {"method": method, "us": found, **paused_flush_us(probe, method)}
+
+
+# open flags and the call after each write, per wal_sync_method (Linux)
+SYNC_METHODS: dict[str, tuple[int, Any]] = {
+    "fdatasync": (0, os.fdatasync), "fsync": (0, os.fsync),
+    "open_datasync": (os.O_DSYNC, None), "open_sync": (os.O_SYNC, None)}
+PAUSED_FLUSHES = 30
+FILE_BYTES = 16 << 20  # a WAL segment
+
+
+def paused_flush_us(path: Path, method: str) -> dict[str, float]:
+    """Median microseconds of one durable 8 kB write (as the server flushes its WAL: in place,
+    into a file already written), back to back and each after tunnel.PING_INTERVAL of quiet.
+
+    pg_test_fsync measures only the first. An idle ping's two commits each come after a pause,
+    and on a virtual disk that flush can cost ten times as much (1.0-1.2 ms against 0.09-0.13
+    back to back on the VM of 2026-12-05): that, twice, is the floor of an idle round trip for
+    any design that logs each packet durably before it delivers it, the seed's included."""
+    if method not in SYNC_METHODS:
+        raise LabError(f"wal_sync_method = {method}: no way to time it here")
+    flags, sync = SYNC_METHODS[method]
+    block = os.urandom(8192)
+    with path.open("wb") as f:  # written and flushed once: later writes overwrite it in place
+        f.write(bytes(FILE_BYTES))
+        f.flush()
+        os.fsync(f.fileno())
+    fd = os.open(path, os.O_WRONLY | flags)
+    try:
+        def flush(n: int, pause: float) -> float:
+            took = []
+            for i in range(n):
+                if pause:
+                    time.sleep(pause)
+                started = time.perf_counter()
+                os.pwrite(fd, block, i * 8192 % FILE_BYTES)
+                if sync is not None:
+                    sync(fd)
+                took.append(time.perf_counter() - started)
+            return statistics.median(took) * 1e6
+
+        warm = flush(10 * PAUSED_FLUSHES, 0)
+        paused = flush(PAUSED_FLUSHES, tunnel.PING_INTERVAL)
+    finally:
+        os.close(fd)
+        path.unlink(missing_ok=True)
+    return {"warm_us": warm, "paused_us": paused}
 
 
 def floor_ms(lab: Lab, rounds: int) -> dict[str, float]:

@@ -29,6 +29,15 @@ def _carried(v: dict[str, Any]) -> bool:
     return "sealed" in v["key"] or "boxed" in v["key"]
 
 
+def _ms(us: float | None) -> float | None:
+    return None if us is None else us / 1e3
+
+
+def _twice(us: float | None) -> float | None:
+    """Two flushes, in ms: one per direction."""
+    return None if us is None else 2 * us / 1e3
+
+
 def _ratio(a: float | None, b: float | None) -> str:
     return "-" if a is None or not b else f"{a / b:.2f}x"
 
@@ -51,6 +60,10 @@ def summary(runs: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
             "trips": len(trips), "stages": stages,
             "fsync_us": _med([r["fsync"]["us"] for r in mine]),
             "wal_sync_method": mine[0]["fsync"]["method"],
+            "flush_warm_us": _med([r["fsync"]["warm_us"] for r in mine
+                                   if "warm_us" in r["fsync"]]),
+            "flush_paused_us": _med([r["fsync"]["paused_us"] for r in mine
+                                     if "paused_us" in r["fsync"]]),
             "commit": _med([r["floor_ms"]["commit"] for r in mine]),
             "floor_logged": _med([2 * r["floor_ms"]["logged"] for r in mine]),
             "floor_carried": _med([2 * r["floor_ms"]["carried"] for r in mine]),
@@ -79,6 +92,12 @@ def markdown(runs: list[dict[str, Any]]) -> str:
     row("sum of the stages (median of each trip's total)", lambda v: _f(v["stages"]["total"]))
     row("floor: a WAL flush (pg_test_fsync, one 8 kB write), ms",
         lambda v: f"{_f(v['fsync_us'] / 1e3, '{:.3f}')} ({v['wal_sync_method']})")
+    row("the same flush after an idle ping's pause / back to back, ms",
+        lambda v: f"{_f(_ms(v['flush_paused_us']), '{:.3f}')} / "
+                  f"{_f(_ms(v['flush_warm_us']), '{:.3f}')}")
+    row("idle floor: two flushes after a pause (an idle round trip commits twice), ms",
+        lambda v: _f(_twice(v["flush_paused_us"])))
+    row("idle ping / idle floor", lambda v: _ratio(v["ping_p50"], _twice(v["flush_paused_us"])))
     row("floor: INSERT + COMMIT round trip, ms", lambda v: _f(v["commit"], "{:.3f}"))
     row("floor: round trip the seed's way (2 x INSERT + NOTIFY, wake, SELECT by id)",
         lambda v: _f(v["floor_logged"]))
@@ -109,7 +128,7 @@ def chart(s: dict[str, dict[str, Any]], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(9, 1.2 + 0.6 * (len(s) + 2)))
+    fig, ax = plt.subplots(figsize=(9, 1.2 + 0.6 * (len(s) + 3)))
     labels: list[str] = []
     drawn = False
     for i, (key, v) in enumerate(s.items()):
@@ -127,8 +146,10 @@ def chart(s: dict[str, dict[str, Any]], path: Path) -> None:
             left += width
         drawn = True
     first = s.get("logged") or next(iter(s.values()))  # its floor: the agents' TCP path
-    for j, (name, value) in enumerate((("floor: the seed's way", first["floor_logged"]),
-                                       ("floor: carried", first["floor_carried"]))):
+    floors = (("floor: the seed's way, back to back", first["floor_logged"]),
+              ("floor: carried, back to back", first["floor_carried"]),
+              ("idle floor: two flushes after a pause", _twice(first["flush_paused_us"])))
+    for j, (name, value) in enumerate(floors):
         ax.barh(len(s) + j, value or 0, color="0.3")
         labels.append(f"{name} ({_f(value)} ms)")
     ax.set_yticks(range(len(labels)), labels)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -176,6 +177,7 @@ def test_rtt_cuts_idle_pings_into_stages_beside_the_floor(tmp_path):
         floor = run["floor_ms"]
         assert floor["commit"] > 0 and 0 < floor["carried"] < floor["logged"]
         assert run["fsync"]["us"] > 0 and run["fsync"]["method"] == "fdatasync"
+        assert run["fsync"]["warm_us"] > 0 and run["fsync"]["paused_us"] > 0, run["fsync"]
         if run["key"] == "seed-go":
             assert run["trips"] == [], "the seed's program: its ping, no stages"
             continue
@@ -192,6 +194,8 @@ def test_rtt_cuts_idle_pings_into_stages_beside_the_floor(tmp_path):
     table = md[0].read_text()
     assert "| floor: a WAL flush (pg_test_fsync, one 8 kB write), ms |" in table
     assert "| back-to-back ping p50 / p99 ms (`ping -A`) |" in table
+    assert re.search(r"\| idle floor: two flushes after a pause \(an idle round trip commits "
+                     r"twice\), ms( \| \d+\.\d\d){4} \|", table), table
     assert "| back-to-back ping / floor (logged: the seed's way; sealed, boxed: carried) |" in table
     assert png[0].read_bytes().startswith(b"\x89PNG\r\n\x1a\n")
 
