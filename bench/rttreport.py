@@ -35,7 +35,8 @@ def _ms(us: float | None) -> float | None:
 
 def _twice(us: float | None) -> float | None:
     """Two flushes, in ms: one per direction."""
-    return None if us is None else 2 * us / 1e3
+    ms = _ms(us)
+    return None if ms is None else 2 * ms
 
 
 def _ratio(a: float | None, b: float | None) -> str:
