@@ -17,13 +17,12 @@ import argparse
 import os
 import random
 import statistics
-import tempfile
 import time
-from pathlib import Path
 from typing import Any
 
 import psycopg
 
+from bench.testbeds import scratch_dir
 from pgvpn_agent import wire
 from pgvpn_agent.lab import Lab
 from pgvpn_agent.sender import SEND_BATCH
@@ -116,8 +115,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=4)
     parser.add_argument("--port", type=int, default=57311, help="the throwaway cluster's port")
     args = parser.parse_args()
-    workdir = Path(tempfile.mkdtemp(prefix="pgvpn-insert-cost-", dir="/tmp"))
-    workdir.chmod(0o755)
+    workdir = scratch_dir("insert-cost")
     lab = Lab.create(workdir, peers=2, prefix="pgvic-", port=args.port)
     lab.up(agents=False)
     try:

@@ -19,7 +19,6 @@ import argparse
 import os
 import re
 import sys
-import tempfile
 import threading
 import time
 from collections.abc import Iterator
@@ -31,7 +30,7 @@ from typing import Any
 
 from bench import meshreport, pagecache, report
 from bench.probe import Probe, Usage
-from bench.testbeds import Variant, testbed
+from bench.testbeds import Variant, scratch_dir, testbed
 from bench.tunnel import RESULTS, VARIANTS, Progress
 from pgvpn_agent import labmemory, labtraffic
 from pgvpn_agent.config import WAKES, Transport
@@ -185,8 +184,7 @@ def bed_of(phase: Phase, peers: int, options: dict[str, Any]) -> Iterator[Lab]:
 
 
 def _workdir() -> Path:
-    workdir = Path(tempfile.mkdtemp(prefix="pgvpn-mesh-", dir="/tmp"))
-    workdir.chmod(0o755)
+    workdir = scratch_dir("mesh")
     return workdir
 
 

@@ -18,14 +18,13 @@ import argparse
 import math
 import os
 import statistics
-import tempfile
 import threading
 import time
-from pathlib import Path
 from typing import Any
 
 import psycopg
 
+from bench.testbeds import scratch_dir
 from pgvpn_agent import wire
 from pgvpn_agent.lab import Lab
 from pgvpn_agent.sender import SEND_BATCH
@@ -131,8 +130,7 @@ def main() -> None:
                         help="the cluster's memory cgroup in MB (0: none), as bench mesh")
     parser.add_argument("--port", type=int, default=57411, help="the throwaway cluster's port")
     args = parser.parse_args()
-    workdir = Path(tempfile.mkdtemp(prefix="pgvpn-overlap-", dir="/tmp"))
-    workdir.chmod(0o755)
+    workdir = scratch_dir("overlap")
     lab = Lab.create(workdir, peers=3, prefix="pgvov-", port=args.port,
                      db_memory_mb=args.db_memory)
     lab.up(agents=False)

@@ -97,24 +97,26 @@ def paused_flush_us(path: Path, method: str) -> dict[str, float]:
         os.fsync(f.fileno())
     fd = os.open(path, os.O_WRONLY | flags)
     try:
-        def flush(n: int, pause: float) -> float:
-            took = []
-            for i in range(n):
-                if pause:
-                    time.sleep(pause)
-                started = time.perf_counter()
-                os.pwrite(fd, block, i * 8192 % FILE_BYTES)
-                if sync is not None:
-                    sync(fd)
-                took.append(time.perf_counter() - started)
-            return statistics.median(took) * 1e6
-
-        warm = flush(10 * PAUSED_FLUSHES, 0)
-        paused = flush(PAUSED_FLUSHES, tunnel.PING_INTERVAL)
+        warm = _flushes(fd, sync, block, 10 * PAUSED_FLUSHES, 0)
+        paused = _flushes(fd, sync, block, PAUSED_FLUSHES, tunnel.PING_INTERVAL)
     finally:
         os.close(fd)
         path.unlink(missing_ok=True)
     return {"warm_us": warm, "paused_us": paused}
+
+
+def _flushes(fd: int, sync: Any, block: bytes, n: int, pause: float) -> float:
+    """Median microseconds of n durable writes of `block`, each after `pause` seconds."""
+    took = []
+    for i in range(n):
+        if pause:
+            time.sleep(pause)
+        started = time.perf_counter()
+        os.pwrite(fd, block, i * len(block) % FILE_BYTES)
+        if sync is not None:
+            sync(fd)
+        took.append(time.perf_counter() - started)
+    return statistics.median(took) * 1e6
 
 
 def floor_ms(lab: Lab, rounds: int) -> dict[str, float]:

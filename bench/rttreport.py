@@ -61,10 +61,8 @@ def summary(runs: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
             "trips": len(trips), "stages": stages,
             "fsync_us": _med([r["fsync"]["us"] for r in mine]),
             "wal_sync_method": mine[0]["fsync"]["method"],
-            "flush_warm_us": _med([r["fsync"]["warm_us"] for r in mine
-                                   if "warm_us" in r["fsync"]]),
-            "flush_paused_us": _med([r["fsync"]["paused_us"] for r in mine
-                                     if "paused_us" in r["fsync"]]),
+            "flush_warm_us": _med([r["fsync"]["warm_us"] for r in mine]),
+            "flush_paused_us": _med([r["fsync"]["paused_us"] for r in mine]),
             "commit": _med([r["floor_ms"]["commit"] for r in mine]),
             "floor_logged": _med([2 * r["floor_ms"]["logged"] for r in mine]),
             "floor_carried": _med([2 * r["floor_ms"]["carried"] for r in mine]),

@@ -28,7 +28,6 @@ import json
 import os
 import subprocess
 import sys
-import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime, timedelta
@@ -38,6 +37,7 @@ from typing import Any
 import psycopg
 
 from bench import report
+from bench.testbeds import scratch_dir
 from pgvpn_agent.lab import HOUSEKEEPING_ROLE, Lab, LabError, LabPeer
 
 RESULTS = Path(__file__).with_name("results")
@@ -547,8 +547,7 @@ def main(argv: list[str] | None = None) -> int:
     hold = args.minutes / 4 if args.hold is None else args.hold
     soak = Soak(minutes=args.minutes, rate=args.rate, length=args.length, hold_minutes=hold,
                 max_transaction=args.max_transaction, closed_day_rows=args.closed_day_rows)
-    workdir = Path(tempfile.mkdtemp(prefix="pgvpn-soak-", dir="/tmp"))
-    workdir.chmod(0o755)
+    workdir = scratch_dir("soak")
     try:
         run(soak, workdir, args.interval)
     except LabError as exc:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import shutil
 import subprocess
+import tempfile
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -24,6 +25,14 @@ from pgvpn_agent.lab import Lab, LabError
 UNDERLAY = ("10.78.0.1", "10.78.0.2")
 UNDERLAY_IF = "veth0"
 OPENVPN_PORT = 1194
+
+
+def scratch_dir(name: str) -> Path:
+    """A new directory under /tmp for one run's labs: open to the lab's postgres user, whose
+    cluster lives in it (mkdtemp alone makes it 0700)."""
+    path = Path(tempfile.mkdtemp(prefix=f"pgvpn-{name}-", dir="/tmp"))
+    path.chmod(0o755)
+    return path
 
 
 @dataclass(frozen=True)

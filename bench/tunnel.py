@@ -12,14 +12,13 @@ import math
 import os
 import re
 import sys
-import tempfile
 import threading
 import time
 from pathlib import Path
 
 from bench import report, seed_go
 from bench.report import Result, Sample
-from bench.testbeds import Testbed, Variant, testbed
+from bench.testbeds import Testbed, Variant, scratch_dir, testbed
 from bench.usage import CpuTimes, LogPosition, peak_rss_mb
 from pgvpn_agent.lab import Lab, LabError
 
@@ -68,8 +67,7 @@ def mean(values: list[float]) -> float | None:
 def measure(variant: Variant, seconds: float, pings: int = IDLE_PINGS) -> Sample:
     """One sample on a fresh testbed: idle pings, then iperf3 with pings alongside, and what
     the tunnel's processes and the database spent while iperf3 ran."""
-    workdir = Path(tempfile.mkdtemp(prefix="pgvpn-bench-", dir="/tmp"))
-    workdir.chmod(0o755)
+    workdir = scratch_dir("bench")
     pid = os.getpid()
     with testbed(variant, workdir, prefix=f"pgvb{pid}-", port=57000 + pid % 1000) as bed:
         idle = ping_ms(bed.lab, pings)
