@@ -241,3 +241,16 @@ def test_overlap_compares_one_connection_with_two():
     rounds = [line for line in proc.stdout.splitlines() if line.startswith("round ")]
     assert len(rounds) == 2 and "(one first)" in rounds[0] and "(two first)" in rounds[1]
     assert "| two / one per round |" in proc.stdout and "geometric mean" in proc.stdout
+
+
+def test_insert_cost_measures_every_index_variant():
+    """`python -m bench.insert_cost`: send_batch() accepts its batches (a row whose length does
+    not describe its payload is refused) and each index variant prints its cost per row."""
+    proc = subprocess.run(
+        [sys.executable, "-m", "bench.insert_cost", "--prefill", "1000", "--rounds", "1",
+         "--port", str(57400 + os.getpid() % 400)],
+        capture_output=True, text=True, timeout=180)
+    assert proc.returncode == 0, proc.stderr
+    rows = re.findall(r"^(none|dst_port|both ports|ports \+ addresses) +[\d.]+ us/row",
+                      proc.stdout, re.MULTILINE)
+    assert rows == ["none", "dst_port", "both ports", "ports + addresses"], proc.stdout
